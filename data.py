@@ -1,0 +1,219 @@
+"""Datasets and loaders shared by pretrain.py, linear_eval.py and finetune.py.
+
+CIFAR-10/100 and STL-10 come from torchvision (downloaded into --data-dir when
+the network allows), imagefolder is the ImageNet layout (DIR/train/CLASS/*,
+DIR/val/CLASS/*), and synthetic is a labelled set of generated images
+(textures and shapes, no download) for trying the pipeline offline.
+build_dataset returns (PIL image, label) pairs; SeededTransform applies a
+transform whose randomness is fixed by (seed, epoch, index), so the views do
+not depend on the number of workers or processes and a resumed run sees
+exactly the views it would have seen.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "synthetic": 32}
+
+DOWNLOADS = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python"),
+    "stl10": ("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "stl10_binary"),
+}
+
+
+class DataError(Exception):
+    """A dataset that cannot be used; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------
+# Synthetic images: 10 classes told apart by shape or texture (not colour,
+# which colour jitter and grayscale remove), with random colours, scales,
+# phases, positions and pixel noise. Deterministic given the seed.
+
+SYNTHETIC_CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
+                     "dots", "rings", "grid", "disc", "square", "triangle")
+
+
+def synthetic_images(n, size, seed):
+    """(n, size, size, 3) uint8 images and (n,) int64 labels, classes balanced."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(SYNTHETIC_CLASSES)
+    rng.shuffle(labels)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size  # coordinates in [0, 1)
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, label in enumerate(labels):
+        mask = _pattern(int(label), x, y, rng)
+        bg, fg = rng.random(3), rng.random(3)
+        while abs(_luma(bg) - _luma(fg)) < 0.3:  # keep the pattern visible in grayscale
+            bg, fg = rng.random(3), rng.random(3)
+        img = bg + (fg - bg) * mask[..., None] + rng.normal(0, 0.04, (size, size, 3))
+        images[i] = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def _luma(rgb):
+    return 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def _pattern(label, x, y, rng):
+    """Foreground mask in {0, 1} of class `label` on the grid x, y."""
+    freq = rng.uniform(3.0, 7.0)  # stripes per image side
+    phase = rng.uniform(0, 2 * np.pi)
+    cx, cy = rng.uniform(0.3, 0.7, size=2)
+
+    def wave(t):
+        return np.sin(2 * np.pi * freq * t + phase) > 0
+
+    if label == 0:
+        return wave(y)
+    if label == 1:
+        return wave(x)
+    if label == 2:
+        return wave((x + y if rng.random() < 0.5 else x - y) / np.sqrt(2))
+    if label == 3:
+        return wave(x) ^ wave(y)
+    if label == 4:
+        period = 1.0 / freq
+        dx, dy = (x + phase) % period - period / 2, (y + phase) % period - period / 2
+        return dx ** 2 + dy ** 2 < (0.3 * period) ** 2
+    if label == 5:
+        return wave(np.hypot(x - cx, y - cy))
+    if label == 6:
+        period = 1.0 / freq
+        return ((x + phase) % period < 0.25 * period) | ((y + phase) % period < 0.25 * period)
+    r = rng.uniform(0.18, 0.3)
+    if label == 7:
+        return np.hypot(x - cx, y - cy) < r
+    if label == 8:
+        return (np.abs(x - cx) < r) & (np.abs(y - cy) < r)
+    # 9: upward triangle, apex at (cx, cy - r), base at y = cy + r
+    return (y < cy + r) & (np.abs(x - cx) < (y - (cy - r)) / 2)
+
+
+class SyntheticImages(Dataset):
+    """Generated labelled images (see SYNTHETIC_CLASSES); train and test come from different seeds."""
+
+    def __init__(self, n, size, train=True, seed=0):
+        self.images, self.labels = synthetic_images(n, size, seed=2 * seed + (0 if train else 1))
+        self.classes = list(SYNTHETIC_CLASSES)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.images[i]), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------
+
+def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512, download=True):
+    """(PIL image, label) pairs. split: 'pretrain' (STL-10: train+unlabeled), 'train', or 'test'.
+    image_size and synthetic_size only concern the synthetic set."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in ("pretrain", "train", "test"):
+        raise ValueError(f"unknown split {split!r}")
+    train = split != "test"
+    if name == "synthetic":
+        n = synthetic_size if train else max(len(SYNTHETIC_CLASSES), synthetic_size // 4)
+        return SyntheticImages(n, image_size, train=train)
+    if name == "imagefolder":
+        return _image_folder(data_dir, "val" if split == "test" else "train")
+
+    from torchvision import datasets
+    if name == "stl10":
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+        make = lambda dl: datasets.STL10(data_dir, split=stl_split, download=dl)  # noqa: E731
+    else:
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        make = lambda dl: cls(data_dir, train=train, download=dl)  # noqa: E731
+    try:
+        return make(False)
+    except RuntimeError:
+        pass  # not there yet
+    if not download:
+        raise DataError(_missing_message(name, data_dir, "it is not there"))
+    try:
+        return make(True)
+    except Exception as e:  # no network, proxy, disk full, corrupt archive...
+        reason = f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        raise DataError(_missing_message(name, data_dir, reason)) from None
+
+
+def _missing_message(name, data_dir, reason):
+    url, folder = DOWNLOADS[name]
+    return (f"{name} is not in {data_dir!r} ({reason}). Fetch {url} where the network allows, "
+            f"extract it so that {os.path.join(data_dir, folder)} exists, and pass --data-dir {data_dir}")
+
+
+def _image_folder(data_dir, sub):
+    from torchvision.datasets import ImageFolder
+    root = os.path.join(data_dir, sub)
+    if not os.path.isdir(root):
+        raise DataError(f"{root} is not a directory; --data-dir must hold the ImageNet layout "
+                        f"{sub}/CLASS/IMAGE (e.g. {os.path.join(root, 'n01440764', 'x.JPEG')})")
+    try:
+        return ImageFolder(root)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
+
+
+def num_classes(dataset):
+    return len(dataset.classes)
+
+
+def _sample_seed(seed, epoch, index):
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
+
+
+class SeededTransform(Dataset):
+    """dataset[i] = (transform(image, generator), label), the generator seeded
+    from (seed, epoch, i). Index it with (epoch, i) pairs, as make_loader does."""
+
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img, label = self.dataset[i]
+        generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, i))
+        return self.transform(img, generator), label
+
+
+class EpochTagged(Sampler):
+    """Yields (epoch, index) from a DistributedSampler, so the workers (which
+    hold their own copy of the dataset) know the epoch of every sample."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pin_memory=False):
+    """DataLoader over this rank's share of a SeededTransform; batch_size is per rank.
+
+    train: shuffled by (seed, epoch) (call loader.sampler.set_epoch(epoch) each
+    epoch) and the last incomplete batch dropped, so every rank runs the same
+    number of equal steps. Otherwise in order and nothing dropped; with several
+    ranks DistributedSampler pads the last batch by repeating a few samples.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler), num_workers=workers,
+                      pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0)

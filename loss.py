@@ -1,0 +1,92 @@
+"""NT-Xent, the SimCLR contrastive loss (Chen et al. 2020, eq. 1 and Algorithm 1),
+in matrix form, with a cross-rank gather that carries gradients.
+
+For a global batch of N images (2N views), anchor i with positive j scores
+    l(i, j) = -log( exp(sim(z_i, z_j)/t) / sum_{k != i} exp(sim(z_i, z_k)/t) )
+and the loss is the mean over all 2N anchors: every other view in the global
+batch is a negative. The official code returns twice this (CE_a + CE_b).
+
+Under torch.distributed with several processes, each rank scores its own 2n
+anchors against the 2N embeddings of all ranks. The gather passes gradients
+back to the rank that produced each embedding, so after DDP averages the
+parameter gradients a step equals a one-process step on the global batch.
+(Gathering with plain all_gather drops the gradient through the other ranks'
+embeddings: the common bug.) Memory is O(n * N), never O(N^2 d).
+
+    loss = nt_xent(z1, z2, temperature=0.1)   # z1, z2: (n, d) this rank's two views
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward returns this rank's slice of the
+    gradient summed over every rank (each rank's loss depends on our rows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # sum over ranks of d(loss_r)/d(all rows)
+        n = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * n:(rank + 1) * n]
+
+
+def gather_with_grad(x):
+    """Concatenate x (n, ...) from every rank -> (world * n, ...), rank order.
+    Identity in a single process. Every rank must pass the same shape."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _GatherWithGrad.apply(x)
+    return x
+
+
+def _rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def contrastive_logits(z1, z2, temperature=0.1):
+    """Logits and targets of NT-Xent for this rank's anchors.
+
+    z1, z2: (n, d), the two views of this rank's n images (not necessarily
+    normalised). Returns logits (2n, 2N) in float32, each anchor's own column
+    set to -inf, and targets (2n,), the column of each anchor's positive.
+    Columns are rank-major: rank r owns columns [2nr, 2n(r+1)), its z1 then its z2.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be (n, d), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    rank, _ = _rank_and_world()
+    two_n = 2 * z1.shape[0]
+    # Similarities in float32 even under bf16/fp16 autocast: exp(sim / 0.1) needs the range.
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, d), cosine similarity
+        candidates = gather_with_grad(anchors)                     # (2N, d)
+        logits = anchors @ candidates.T / temperature              # (2n, d) @ (d, 2N) -> (2n, 2N)
+    k = torch.arange(two_n, device=z1.device)
+    own = rank * two_n + k                          # anchor k's own column: not a candidate
+    targets = rank * two_n + (k + two_n // 2) % two_n  # the other view of the same image
+    logits = logits.index_put((k, own), torch.tensor(float("-inf"), device=z1.device))
+    return logits, targets
+
+
+def nt_xent(z1, z2, temperature=0.1):
+    """NT-Xent (SimCLR eq. 1) for the local views z1, z2 of shape (n, d).
+
+    Mean over all 2N anchors of the global batch; negatives come from every
+    rank. In one process it is the plain loss. Returns a float32 scalar.
+    """
+    logits, targets = contrastive_logits(z1, z2, temperature)
+    return F.cross_entropy(logits, targets)  # log-sum-exp inside: stable at small t
+
+
+def contrast_accuracy(logits, targets):
+    """Share of anchors whose positive scores highest among its 2N - 1 candidates."""
+    return (logits.argmax(dim=1) == targets).float().mean()

@@ -1,0 +1,259 @@
+"""SimCLR model: ResNet encoder f, projection head g, and encoder save/load.
+
+Implements Sec. 2.1 and Appendix B.9 of Chen et al. 2020 and the official
+resnet.py: a ResNet whose width multiplier scales every convolution (ResNet-50
+1x/2x/4x: 24M/94M/375M parameters, 2048/4096/8192-d features), the last BN
+gamma of each residual block initialised to zero, and a CIFAR stem (3x3 conv,
+stride 1, no max-pool) for 32 px images. At width 1 parameter names and shapes
+are torchvision's, so a torchvision ResNet state dict (minus fc) loads strictly.
+h = f(x) is the representation; z = g(h) only feeds the contrastive loss.
+
+    encoder = build_encoder("resnet50", width=1)         # (B, 3, H, W) -> (B, 2048)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim))
+    h, z = model(images)
+"""
+import os
+
+import torch
+import torch.nn as nn
+
+CHECKPOINT_FORMAT = "simclr-encoder"  # marks files written by save_encoder / pretrain.py
+
+
+def _conv(cin, cout, kernel, stride=1):
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34)."""
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = _conv(cin, planes, 3, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv(planes, planes, 3)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(cin, planes, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (carries the stride, 'ResNet v1.5') -> 1x1 x4 (ResNet-50/101/152)."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = _conv(cin, planes, 1)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv(planes, planes, 3, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv(planes, planes * 4, 1)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(cin, planes * 4, stride)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _shortcut(cin, cout, stride):
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+
+
+ARCHS = {  # block type and blocks per stage
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
+
+    def __init__(self, block, layers, width=1, cifar_stem=False):
+        super().__init__()
+        planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
+        if cifar_stem:  # 32 px images: keep the resolution (official: image_size <= 32)
+            self.conv1 = _conv(3, planes[0], 3)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = _conv(3, planes[0], 7, stride=2)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        self.relu = nn.ReLU(inplace=True)
+        cin = planes[0]
+        for i, (p, n) in enumerate(zip(planes, layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, p, stride=2 if (i > 0 and j == 0) else 1))
+                cin = p * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = cin
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # each residual block starts as the identity (official)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def build_encoder(arch="resnet50", width=1, cifar_stem=False):
+    """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
+
+    The returned module has `feature_dim` and `config` (the arguments, used by
+    save_encoder so a checkpoint can rebuild it).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    block, layers = ARCHS[arch]
+    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem)
+    encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
+    return encoder
+
+
+class ProjectionHead(nn.Module):
+    """g(h): num_layers linear layers, 128-d output.
+
+    Hidden layers are Linear-BN-ReLU. As in the official code, the output
+    layer is Linear followed by BN with a scale but no shift (center=False),
+    and no ReLU; the loss normalises z anyway. num_layers=2 is SimCLR v1,
+    3 is v2. hidden_dim defaults to in_dim.
+    """
+
+    def __init__(self, in_dim, hidden_dim=None, out_dim=128, num_layers=2):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        hidden_dim = hidden_dim or in_dim
+        layers, dim = [], in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            dim = hidden_dim
+        out_bn = nn.BatchNorm1d(out_dim)
+        out_bn.bias.requires_grad_(False)  # stays 0: BN without centring, as the official head
+        layers += [nn.Linear(dim, out_dim, bias=False), out_bn]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class SimCLR(nn.Module):
+    """Encoder + projection head: x -> (h, z)."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return h, self.head(h)
+
+
+# ----------------------------------------------------------------------------
+# Saving and loading. Two files, both plain dicts that load with
+# torch.load(weights_only=True):
+#   encoder.pt  {"format", "encoder_config", "encoder", "meta"}: what eval scripts need
+#   ckpt.pt     pretrain.py's resume state; also carries "format",
+#               "encoder_config" and "model" (encoder.* and head.* weights)
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def unwrap(module):
+    """The plain module inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def save_encoder(path, encoder, **meta):
+    """Write the encoder-only export read by linear_eval.py and finetune.py."""
+    encoder = unwrap(encoder)
+    save_atomic({
+        "format": CHECKPOINT_FORMAT,
+        "encoder_config": dict(encoder.config),
+        "encoder": encoder.state_dict(),
+        "meta": meta,
+    }, path)
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, unreadable, or not a checkpoint of this project."""
+
+
+def read_checkpoint(path):
+    """torch.load a checkpoint of this project, with one-line errors for bad files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "the file is truncated, corrupt, or not a PyTorch checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by this project's pretrain.py "
+            "(expected ckpt.pt or encoder.pt from its --out folder)")
+    return ckpt
+
+
+def load_encoder(path):
+    """Rebuild the encoder from encoder.pt or ckpt.pt alone -> (encoder, checkpoint dict).
+
+    The encoder comes back on the CPU, in train mode, with the saved weights.
+    """
+    ckpt = read_checkpoint(path)
+    if "encoder" in ckpt:
+        state = ckpt["encoder"]
+    else:
+        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    encoder = build_encoder(**ckpt["encoder_config"])
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not match the encoder it describes "
+            f"({ckpt['encoder_config']}): {str(e).splitlines()[0]}") from None
+    return encoder, ckpt

@@ -1,0 +1,312 @@
+"""SimCLR pretraining (Chen et al. 2020): one process on GPU/CPU, or torchrun DDP.
+
+  python pretrain.py --dataset cifar10 --data-dir data
+  torchrun --nproc_per_node=8 pretrain.py --dataset imagefolder --data-dir /data/imagenet --batch-size 4096
+
+Defaults are the paper's ImageNet run (ResNet-50, 224 px, batch 4096, 100 epochs,
+LARS, lr 0.3 x batch/256, 10 warmup epochs then per-step cosine, temperature 0.1,
+weight decay 1e-6). For CIFAR and any image size <= 32 px, unset flags take the
+paper's CIFAR recipe instead: CIFAR stem, colour strength 0.5, no blur,
+temperature 0.5. The resolved settings are printed at start.
+
+Writes to --out at the end of every epoch: ckpt.pt (full state for --resume),
+encoder.pt (encoder only, read by linear_eval.py and finetune.py) and one JSON
+line in log.jsonl.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from augment import SimCLRViews
+from lars import LARS
+from loss import contrast_accuracy, contrastive_logits
+from model import (CHECKPOINT_FORMAT, ARCHS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
+                   read_checkpoint, save_atomic, save_encoder, unwrap)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="imagefolder", choices=data.DATASETS,
+                   help="imagefolder: DIR/train/CLASS/* (labels ignored); stl10: train+unlabeled; "
+                        "synthetic: generated images, no download")
+    d.add_argument("--data-dir", default="data", help="dataset root; CIFAR/STL-10 are downloaded here if missing")
+    d.add_argument("--image-size", type=int, default=None,
+                   help="crop size; default: 224 imagefolder, 96 stl10, 32 cifar/synthetic")
+    d.add_argument("--synthetic-size", type=int, default=512, help="number of generated training images")
+    d.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="resnet50", choices=list(ARCHS))
+    m.add_argument("--width", type=float, default=1, help="channel multiplier of every convolution (paper: 1, 2, 4)")
+    m.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stride-1 stem without max-pool; default: on for images <= 32 px")
+    m.add_argument("--proj-layers", type=int, default=2, help="projection head depth (2: SimCLR v1, 3: v2)")
+    m.add_argument("--proj-hidden-dim", type=int, default=None, help="default: the encoder's feature dim")
+    m.add_argument("--proj-dim", type=int, default=128, help="output dim of the projection head")
+    a = p.add_argument_group("augmentation")
+    a.add_argument("--strength", type=float, default=None, help="colour distortion strength s; default 1.0 (0.5 CIFAR recipe)")
+    a.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gaussian blur with p=0.5; default: on (off for the CIFAR recipe)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=100)
+    o.add_argument("--batch-size", type=int, default=4096, help="global batch (images, not views), split across ranks")
+    o.add_argument("--lr", type=float, default=None,
+                   help="base learning rate; default 0.3 (linear scaling) or 0.075 (sqrt scaling)")
+    o.add_argument("--lr-scaling", default="linear", choices=("linear", "sqrt"),
+                   help="peak lr = lr * batch/256 (linear) or lr * sqrt(batch) (sqrt)")
+    o.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup from 0, then cosine decay to 0, per step")
+    o.add_argument("--weight-decay", type=float, default=1e-6, help="paper: 1e-6 (official README later: 1e-4)")
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--eta", type=float, default=0.001, help="LARS trust coefficient")
+    o.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature; default 0.1 (0.5 CIFAR recipe)")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default="runs/simclr", help="folder for ckpt.pt, encoder.pt and log.jsonl")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt at the next epoch")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (the loss stays float32)")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
+    r.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    args = p.parse_args(argv)
+
+    # The CIFAR recipe (PAPER.md) for CIFAR and small images, where a flag was not given.
+    if args.image_size is None:
+        args.image_size = data.NATIVE_SIZE[args.dataset]
+    cifar = args.dataset in ("cifar10", "cifar100") or args.image_size <= 32
+    if args.cifar_stem is None:
+        args.cifar_stem = args.image_size <= 32
+    if args.strength is None:
+        args.strength = 0.5 if cifar else 1.0
+    if args.blur is None:
+        args.blur = not cifar
+    if args.temperature is None:
+        args.temperature = 0.5 if cifar else 0.1
+    if args.lr is None:
+        args.lr = 0.3 if args.lr_scaling == "linear" else 0.075
+    if args.workers is None:
+        args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature <= 0 or args.width <= 0:
+        p.error("--temperature and --width must be positive")
+    if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
+        p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
+    return args
+
+
+def fail(message, code=2):
+    """One line on stderr (rank 0 only under torchrun), no traceback."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"pretrain.py: error: {message}", file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def lr_at(step, peak_lr, warmup_steps, total_steps):
+    """Linear warmup from 0 over warmup_steps, then cosine decay to 0 (official, per step)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def main():
+    args = get_args()
+
+    # Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; else one process.
+    ddp = "RANK" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} does not divide by the {world} processes; use a multiple of {world}")
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if ddp else 0
+    device = torch.device(f"cuda:{local_rank}" if ddp else "cuda") if torch.cuda.is_available() else torch.device("cpu")
+    cuda = device.type == "cuda"
+    args.amp, args.channels_last = args.amp and cuda, args.channels_last and cuda  # CUDA-only features
+    master = rank == 0
+    per_rank = args.batch_size // world
+    peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume and not os.path.exists(ckpt_path):
+        fail(f"--resume: nothing to resume, {ckpt_path} does not exist")
+    if not args.resume and os.path.exists(ckpt_path):
+        fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
+
+    # Data. Rank 0 builds (downloads) first and tells the others whether that worked.
+    error = None
+    if master:
+        try:
+            raw = data.build_dataset(args.dataset, args.data_dir, "pretrain", args.image_size, args.synthetic_size)
+        except data.DataError as e:
+            error = str(e)
+    if ddp:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        fail(error)
+    if not master:
+        raw = data.build_dataset(args.dataset, args.data_dir, "pretrain", args.image_size, args.synthetic_size,
+                                 download=False)
+    if len(raw) < args.batch_size:
+        fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
+    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
+    train_set = data.SeededTransform(raw, views, seed=args.seed)
+    loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers,
+                              rank=rank, world=world, seed=args.seed, pin_memory=cuda)
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+
+    # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
+    torch.manual_seed(args.seed)
+    encoder = build_encoder(args.arch, args.width, args.cifar_stem)
+    head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
+    model = SimCLR(encoder, head)
+    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
+                     weight_decay=args.weight_decay, eta=args.eta)
+    start_epoch = 0
+    if args.resume:
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+        except CheckpointError as e:
+            fail(str(e))
+        if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
+            fail(f"{ckpt_path} holds a {ckpt.get('encoder_config')} model, not the {encoder.config} "
+                 "these flags ask for; resume with the original flags")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
+                 "resume with the original flags")
+        start_epoch = ckpt["epoch"]
+        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+                   if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature",
+                            "strength", "blur", "image_size", "weight_decay") and ckpt["args"].get(k) != v}
+        if changed and master:
+            print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ddp:
+        if cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}"
+              f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, processes {world}", flush=True)
+        if ddp and not cuda:
+            print("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
+                  f"{2 * per_rank} views", flush=True)
+        print(json.dumps(vars(args), sort_keys=True), flush=True)
+        print(f"peak lr {peak_lr:.4g} = {args.lr} x {'batch/256' if args.lr_scaling == 'linear' else 'sqrt(batch)'}, "
+              f"{per_rank} images x 2 views per rank, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+              f"{warmup_steps} warmup, encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params "
+              f"({encoder.feature_dim}-d), {views}", flush=True)
+        if start_epoch:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
+        if start_epoch >= args.epochs:
+            print(f"nothing to do: the checkpoint has finished {start_epoch} of {args.epochs} epochs", flush=True)
+
+    t_start, steps_done = time.time(), 0
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        sums = torch.zeros(2, device=device)  # loss, contrast accuracy over this rank's steps
+        t_epoch = t_log = time.time()
+        for i, ((x1, x2), _) in enumerate(loader):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(step, peak_lr, warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)  # (2n, 3, H, W): both views in one BN batch
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                _, z = model(x)
+            z1, z2 = z.chunk(2)
+            logits, targets = contrastive_logits(z1, z2, args.temperature)  # float32, negatives from all ranks
+            loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+
+            stats = torch.stack([loss.detach(), contrast_accuracy(logits.detach(), targets)])
+            if ddp:
+                dist.all_reduce(stats)
+                stats /= world
+            if not math.isfinite(stats[0].item()):  # every rank sees the same value and stops together
+                fail(f"loss is {stats[0].item()} at step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}); "
+                     f"weights are not updated and "
+                     f"{ckpt_path} keeps the last good epoch. Likely causes: learning rate too high "
+                     f"(peak {peak_lr:.3g}), temperature too low ({args.temperature}), or bad input data", code=3)
+            optimizer.step()
+            sums += stats
+            steps_done += 1
+
+            if master and ((i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch):
+                now = time.time()
+                done_in_epoch = (i % args.log_every) + 1
+                ips = done_in_epoch * args.batch_size / max(now - t_log, 1e-9)
+                eta = (now - t_start) / steps_done * (total_steps - step - 1)
+                print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
+                      f"acc {stats[1]:.3f} lr {lr:.4g} img/s {ips:.0f} "
+                      f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+                t_log = now
+
+        epoch_time = time.time() - t_epoch
+        mean_loss, mean_acc = (sums / steps_per_epoch).tolist()
+        if master:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "encoder_config": dict(encoder.config),
+                "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "step": (epoch + 1) * steps_per_epoch,
+                "args": vars(args),
+            }
+            save_atomic(state, ckpt_path)
+            save_encoder(os.path.join(args.out, "encoder.pt"), encoder, dataset=args.dataset, data_dir=args.data_dir,
+                         image_size=args.image_size, epoch=epoch + 1, args=vars(args))
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
+                      "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
+                      "images_per_s": round(steps_per_epoch * args.batch_size / epoch_time, 1)}
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}; "
+                  f"saved {ckpt_path}", flush=True)
+
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""One DDP step of SimCLR under torchrun (gloo, CPU); rank 0 saves the loss and
+the averaged parameter gradients for tests/test_distributed.py to compare with
+one process on the same global batch.
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT.pt [--broken-gather]
+
+--broken-gather swaps in the gather of several popular ports (all_gather with
+no gradient, the local slice put back): the test must catch it.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import loss  # noqa: E402
+from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
+
+GLOBAL_BATCH, SIZE, TEMPERATURE = 8, 16, 0.2
+
+
+def make_model():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", width=0.125, cifar_stem=True)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim, out_dim=16))
+    # Non-zero last-BN gammas, so gradients reach every layer in one step.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g), torch.rand(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g)
+
+
+def broken_gather(x):
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def main():
+    out = sys.argv[1]
+    if "--broken-gather" in sys.argv:
+        loss.gather_with_grad = broken_gather
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = GLOBAL_BATCH // world
+    x1, x2 = make_batch()
+    x1, x2 = x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n]
+    model = DDP(make_model())
+    _, z = model(torch.cat([x1, x2]))
+    z1, z2 = z.chunk(2)
+    value = loss.nt_xent(z1, z2, TEMPERATURE)
+    value.backward()
+    mean_loss = value.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    if rank == 0:
+        grads = {k: p.grad for k, p in model.module.named_parameters() if p.grad is not None}
+        torch.save({"loss": mean_loss, "grads": grads, "world": world}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Views: shape, range, randomness; each colour op against an independent definition."""
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import augment
+from augment import (CropFlip, EvalTransform, SimCLRViews, adjust_brightness, adjust_contrast, adjust_hue,
+                     adjust_saturation, blur_kernel_size, distort, gaussian_blur, random_resized_crop_params,
+                     to_grayscale)
+
+
+def random_image(h=60, w=80, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def is_gray(x):
+    """(B, 3, H, W) -> (B,) whether every pixel has equal channels."""
+    return (x.amax(dim=1) - x.amin(dim=1)).flatten(1).amax(dim=1) < 1e-6
+
+
+@pytest.mark.parametrize("size,strength,blur", [(224, 1.0, True), (32, 0.5, False), (96, 1.0, True)])
+def test_views_shape_range_and_independence(size, strength, blur):
+    x1, x2 = SimCLRViews(size, strength, blur)(random_image())
+    for x in (x1, x2):
+        assert x.shape == (3, size, size) and x.dtype == torch.float32
+        assert x.min() >= 0.0 and x.max() <= 1.0
+    assert not torch.equal(x1, x2)
+
+
+def test_views_reproducible_with_generator_and_accept_any_mode():
+    views = SimCLRViews(32, 0.5, False)
+    img = random_image()
+    a = views(img, torch.Generator().manual_seed(3))
+    b = views(img, torch.Generator().manual_seed(3))
+    c = views(img, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    for mode in ("L", "P", "RGBA", "CMYK"):
+        x1, _ = views(img.convert(mode))
+        assert x1.shape == (3, 32, 32)
+
+
+def test_grayscale_rate_near_20_percent():
+    # Colourful images: jitter alone never makes them gray, so gray outputs count grayscale draws.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 3, 4, 4, generator=g)
+    share = is_gray(distort(x, 1.0, blur=False, generator=g)).float().mean().item()
+    assert abs(share - 0.2) < 0.02  # binomial sd 0.0063
+
+
+def test_blur_kernel_size_is_ten_percent_and_odd():
+    assert [blur_kernel_size(s) for s in (224, 96, 32)] == [23, 9, 3]
+
+
+def test_gaussian_blur_matches_direct_2d_convolution():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([0.7, 1.9], dtype=torch.float64)
+    k = 5
+    ours = gaussian_blur(x, sigma, k)
+    r = k // 2
+    for b in range(2):
+        w1 = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma[b].item() ** 2))
+        w2 = np.outer(w1, w1) / np.outer(w1, w1).sum()
+        img = x[b].numpy()
+        padded = np.pad(img, ((0, 0), (r, r), (r, r)), mode="reflect")
+        ref = np.zeros_like(img)
+        for i in range(img.shape[1]):
+            for j in range(img.shape[2]):
+                ref[:, i, j] = (padded[:, i:i + k, j:j + k] * w2).sum(axis=(1, 2))
+        np.testing.assert_allclose(ours[b].numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_brightness_and_contrast_follow_tf_definitions():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, 5, 5, generator=g, dtype=torch.float64)
+    f = torch.tensor([0.3, 1.0, 1.7], dtype=torch.float64)
+    np.testing.assert_allclose(adjust_brightness(x, f).numpy(), x.numpy() * f.numpy()[:, None, None, None])
+    # tf.image.adjust_contrast: per channel, (x - mean) * f + mean
+    xn = x.numpy()
+    mean = xn.mean(axis=(2, 3), keepdims=True)
+    np.testing.assert_allclose(adjust_contrast(x, f).numpy(), (xn - mean) * f.numpy()[:, None, None, None] + mean)
+
+
+def test_saturation_and_hue_match_colorsys():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    x[0, :, 0, 0] = 0.5  # a gray pixel
+    x[1, :, 1, 1] = 0.0  # a black pixel
+    f = torch.tensor([0.2, 0.7, 1.0, 1.5, 3.0], dtype=torch.float64)
+    d = torch.tensor([-0.2, 0.05, 0.0, 0.3, 0.9], dtype=torch.float64)
+    sat, hue = adjust_saturation(x, f), adjust_hue(x, d)
+    for b in range(5):
+        for i in range(4):
+            for j in range(4):
+                h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
+                np.testing.assert_allclose(sat[b, :, i, j].numpy(), colorsys.hsv_to_rgb(h, min(1.0, s * f[b].item()), v),
+                                           atol=1e-12)
+                np.testing.assert_allclose(hue[b, :, i, j].numpy(), colorsys.hsv_to_rgb((h + d[b].item()) % 1.0, s, v),
+                                           atol=1e-12)
+
+
+def test_grayscale_uses_luma_weights():
+    x = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    assert to_grayscale(x).flatten().tolist() == pytest.approx([0.2989] * 3)
+
+
+def test_jitter_factors_lie_in_their_ranges():
+    # One-pixel-colour images isolate brightness: with contrast, saturation and hue
+    # off (strength scales all four), check the brightness factor range directly.
+    g = torch.Generator().manual_seed(4)
+    x = torch.full((2000, 3, 2, 2), 0.5)
+    out = augment.color_jitter(x, strength=1.0, generator=g)
+    assert out.min() >= 0 and out.max() <= 1
+    # Gray input stays gray under saturation and hue, and contrast keeps a constant image:
+    # only brightness acts, so out = clip(0.5 * U[0.2, 1.8]) = U[0.1, 0.9] per image.
+    v = out[:, 0, 0, 0]
+    assert v.min() >= 0.1 - 1e-6 and v.max() <= 0.9 + 1e-6
+    assert v.min() < 0.12 and v.max() > 0.88
+    assert abs(v.mean().item() - 0.5) < 0.02
+
+
+def test_crop_params_respect_area_and_aspect_ranges():
+    g = torch.Generator().manual_seed(5)
+    areas, aspects = [], []
+    for _ in range(2000):
+        top, left, h, w = random_resized_crop_params(300, 400, (0.08, 1.0), (3 / 4, 4 / 3), g)
+        assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
+        areas.append(h * w / (300 * 400))
+        aspects.append(w / h)
+    # rounding to whole pixels moves the bounds slightly
+    assert min(areas) >= 0.079 and max(areas) <= 1.0
+    assert min(aspects) >= 0.74 and max(aspects) <= 1.35
+    # Same distribution as torchvision's independent implementation of the Inception crop.
+    torch.manual_seed(0)
+    img = torch.zeros(3, 300, 400)
+    tv = [transforms.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]
+    tv_areas = [h * w / (300 * 400) for _, _, h, w in tv]
+    tv_aspects = [w / h for _, _, h, w in tv]
+    assert np.mean(areas) == pytest.approx(np.mean(tv_areas), abs=0.02)  # sd of a mean of 2000: 0.006
+    assert np.mean(aspects) == pytest.approx(np.mean(tv_aspects), abs=0.01)
+
+
+def test_crop_flip_output_and_flip_rate():
+    img = random_image(40, 40)
+    crop = CropFlip(24, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # the whole image: only the flip is random
+    whole = crop(img, torch.Generator().manual_seed(0))
+    assert whole.dtype == torch.uint8 and whole.shape == (3, 24, 24)
+    g = torch.Generator().manual_seed(1)
+    outs = [crop(img, g) for _ in range(400)]
+    flipped = sum(not torch.equal(o, outs[0]) for o in outs)
+    assert 0.4 < flipped / 400 < 0.6 or 0.4 < (400 - flipped) / 400 < 0.6
+
+
+def test_eval_transforms():
+    img32 = random_image(32, 32)
+    x = EvalTransform(32, train=False)(img32)  # no crop at 32 px: the image itself
+    assert torch.equal(x, torch.from_numpy(np.array(img32)).permute(2, 0, 1).float() / 255)
+    img256 = random_image(256, 300)
+    x = EvalTransform(224, train=False)(img256)  # centre 224 = 87.5% of 256: a pure crop
+    arr = np.asarray(img256)[16:240, 38:262]
+    assert torch.equal(x, torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255)
+    y = EvalTransform(224, train=True)(img256, torch.Generator().manual_seed(0))
+    assert y.shape == (3, 224, 224) and 0 <= y.min() and y.max() <= 1
+
+
+def test_distort_rejects_wrong_input():
+    with pytest.raises(ValueError):
+        distort(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError):
+        distort(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_jitter_and_blur_rates_and_sigma_range(monkeypatch):
+    calls = {"jitter": 0, "blur": 0, "sigmas": []}
+    jitter, blur = augment.color_jitter, augment.gaussian_blur
+
+    def counting_jitter(v, strength, generator):
+        calls["jitter"] += v.shape[0]
+        return jitter(v, strength, generator)
+
+    def counting_blur(v, sigma, k):
+        calls["blur"] += v.shape[0]
+        calls["sigmas"].append(sigma)
+        assert k == 23
+        return blur(v, sigma, k)
+
+    monkeypatch.setattr(augment, "color_jitter", counting_jitter)
+    monkeypatch.setattr(augment, "gaussian_blur", counting_blur)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(10):
+        distort(torch.rand(400, 3, 224, 4, generator=g), 1.0, blur=True, generator=g)
+    sigmas = torch.cat(calls["sigmas"])
+    assert abs(calls["jitter"] / 4000 - 0.8) < 0.025  # binomial sd 0.0063
+    assert abs(calls["blur"] / 4000 - 0.5) < 0.03
+    assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0
+    assert sigmas.min() < 0.15 and sigmas.max() > 1.95

@@ -1,0 +1,120 @@
+"""Encoder sizes, torchvision compatibility, initialisation, head, save/load."""
+import pytest
+import torch
+import torchvision
+
+from model import (CheckpointError, ProjectionHead, SimCLR, build_encoder, load_encoder, read_checkpoint,
+                   save_atomic, save_encoder)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_resnet50_has_torchvision_parameter_count():
+    assert n_params(build_encoder("resnet50")) == 23_508_032  # torchvision resnet50 minus fc
+
+
+@pytest.mark.parametrize("width,params,dim", [(2, 93_907_072, 4096), (4, 375_378_176, 8192)])
+def test_wide_resnet50_sizes(width, params, dim):
+    with torch.device("meta"):  # count without allocating 1.5 GB
+        encoder = build_encoder("resnet50", width=width)
+    assert n_params(encoder) == params and encoder.feature_dim == dim  # paper: 94M, 375M
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_state_dict_loads_strictly_and_agrees(arch):
+    tv = getattr(torchvision.models, arch)().eval()
+    encoder = build_encoder(arch).eval()
+    encoder.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}, strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    tv.fc = torch.nn.Identity()
+    torch.testing.assert_close(encoder(x), tv(x))
+
+
+def test_shapes_and_cifar_stem():
+    x = torch.rand(2, 3, 32, 32)
+    enc = build_encoder("resnet18", cifar_stem=True)
+    assert enc(x).shape == (2, 512) and enc.feature_dim == 512
+    assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1)
+    assert isinstance(enc.maxpool, torch.nn.Identity)
+    assert enc.layer1(enc.relu(enc.bn1(enc.conv1(x)))).shape[-1] == 32  # full resolution into layer1
+    std = build_encoder("resnet18")
+    assert std.conv1.kernel_size == (7, 7) and std.conv1.stride == (2, 2)
+    assert build_encoder("resnet50", width=0.25).feature_dim == 512
+
+
+def test_last_bn_gamma_of_each_block_starts_at_zero():
+    enc = build_encoder("resnet50")
+    blocks = [b for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
+    assert len(blocks) == 16
+    assert all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
+    assert all(torch.all(b.bn1.weight == 1) for b in blocks)
+    enc18 = build_encoder("resnet18")
+    assert all(torch.count_nonzero(b.bn2.weight) == 0 for b in enc18.layer1)
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown arch 'resnet51'"):
+        build_encoder("resnet51")
+
+
+def test_projection_head():
+    head = ProjectionHead(64)
+    z = head(torch.randn(8, 64))
+    assert z.shape == (8, 128)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 64), (64, 128)]
+    out_bn = head.net[-1]
+    assert isinstance(out_bn, torch.nn.BatchNorm1d) and not out_bn.bias.requires_grad
+    assert len(ProjectionHead(64, hidden_dim=32, out_dim=16, num_layers=3).net) == 8  # 2 x (lin, bn, relu) + lin, bn
+    h, z = SimCLR(build_encoder("resnet18", width=0.25), ProjectionHead(128))(torch.rand(4, 3, 32, 32))
+    assert h.shape == (4, 128) and z.shape == (4, 128)
+
+
+def test_save_and_load_encoder_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", width=0.5, cifar_stem=True)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "encoder.pt"
+    save_encoder(path, enc, dataset="synthetic", image_size=32)
+    loaded, ckpt = load_encoder(path)
+    assert ckpt["meta"] == {"dataset": "synthetic", "image_size": 32}
+    assert loaded.config == {"arch": "resnet18", "width": 0.5, "cifar_stem": True}
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), enc.eval()(x), rtol=0, atol=0)
+    assert torch.load(path, weights_only=True)["format"] == "simclr-encoder"  # plain dicts only
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_load_encoder_from_full_checkpoint(tmp_path):
+    enc = build_encoder("resnet18", width=0.25)
+    model = SimCLR(enc, ProjectionHead(enc.feature_dim))
+    save_atomic({"format": "simclr-encoder", "encoder_config": enc.config, "model": model.state_dict()},
+                tmp_path / "ckpt.pt")
+    loaded, _ = load_encoder(tmp_path / "ckpt.pt")
+    for k, v in enc.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_checkpoint(tmp_path / "text.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by"):
+        read_checkpoint(tmp_path / "foreign.pt")
+    save_encoder(tmp_path / "good.pt", build_encoder("resnet18", width=0.25))
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(tmp_path / "truncated.pt")
+    ckpt = torch.load(tmp_path / "good.pt", weights_only=True)
+    ckpt["encoder_config"]["arch"] = "resnet34"  # weights of one arch, labelled as another
+    torch.save(ckpt, tmp_path / "mislabelled.pt")
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_encoder(tmp_path / "mislabelled.pt")

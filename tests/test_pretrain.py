@@ -1,0 +1,127 @@
+"""pretrain.py end to end on generated data: one process, torchrun with two, --resume, bad input."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from model import load_encoder
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_process_end_to_end(run, tmp_path):
+    result = run("pretrain.py", *TINY, "--epochs", "2", "--out", "out")
+    out = tmp_path / "out"
+    log = read_log(out / "log.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    assert "epoch 2/2 step 4/4 loss" in result.stdout and " img/s " in result.stdout and " eta " in result.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # plain dicts
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["args"]["arch"] == "resnet18"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    encoder, meta = load_encoder(out / "encoder.pt")
+    assert meta["meta"]["dataset"] == "synthetic" and meta["meta"]["image_size"] == 32
+    for k, v in encoder.state_dict().items():  # the export is the checkpoint's encoder
+        assert torch.equal(v, ckpt["model"]["encoder." + k])
+    assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 128)
+
+
+def test_cifar_recipe_defaults_and_printed_settings(run):
+    result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert settings["cifar_stem"] is True and settings["strength"] == 0.5
+    assert settings["blur"] is False and settings["temperature"] == 0.5
+    assert "peak lr 0.01875 = 0.3 x batch/256" in result.stdout
+
+
+def test_resume_continues_exactly(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "3", "--out", "straight")
+    # Epoch 1 of a 1-epoch run has the same learning rates as epoch 1 of a 3-epoch
+    # run (TINY warms up over exactly one epoch), so 1 epoch + resume to 3 must
+    # give the straight run's weights. 2 workers here, 0 there: views depend on
+    # (seed, epoch, index) only.
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "resumed", "--workers", "2")
+    result = run("pretrain.py", *TINY, "--epochs", "3", "--out", "resumed", "--resume")
+    assert "resumed from" in result.stdout and "warning: resuming with changed settings" in result.stdout
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert [r["epoch"] for r in read_log(tmp_path / "resumed" / "log.jsonl")] == [1, 2, 3]
+
+
+def test_torchrun_two_processes(run, tmp_path):
+    result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", torchrun=2)
+    assert "processes 2" in result.stdout and "8 images x 2 views per rank" in result.stdout
+    assert result.stdout.count("epoch 1 done") == 1  # rank 0 logs alone
+    assert read_log(tmp_path / "out" / "log.jsonl")[0]["epoch"] == 1
+    load_encoder(tmp_path / "out" / "encoder.pt")
+
+
+def one_line_error(result, text):
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "pretrain.py: error:" in line]
+    assert len(errors) == 1 and text in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr.split("pretrain.py: error:")[0]
+
+
+@pytest.mark.parametrize("flags,text", [
+    (["--batch-size", "256"], "fewer than one global batch of 256"),
+    (["--resume"], "nothing to resume"),
+    (["--dataset", "imagefolder", "--data-dir", "nowhere"], "ImageNet layout"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_input_is_one_clear_line(run, flags, text):
+    one_line_error(run("pretrain.py", *TINY, "--out", "out", *flags, check=False), text)
+
+
+def test_unknown_dataset_and_arch_are_rejected(run):
+    for flag, value in (("--dataset", "mnist"), ("--arch", "vgg16")):
+        result = run("pretrain.py", *TINY, flag, value, check=False)
+        assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_batch_that_does_not_divide_by_processes(run):
+    result = run("pretrain.py", *TINY, "--batch-size", "15", "--out", "out", torchrun=2, check=False)
+    one_line_error(result, "does not divide by the 2 processes")
+
+
+def test_existing_run_is_not_overwritten(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    one_line_error(run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", check=False), "already exists")
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_resume_with_another_architecture_is_refused(run):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    result = run("pretrain.py", *TINY, "--epochs", "2", "--out", "out", "--resume", "--arch", "resnet34",
+                 check=False)
+    one_line_error(result, "resume with the original flags")
+
+
+def test_non_finite_loss_stops_with_the_step(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    saved = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    result = run("pretrain.py", *TINY, "--epochs", "3", "--out", "out", "--resume", "--lr", "1e30",
+                 "--warmup-epochs", "0", check=False)
+    assert result.returncode == 3
+    # epoch 2 step 1 (global step 5) applies the huge lr; step 6 sees the result
+    one_line_error(result, "loss is nan at step 6 (epoch 2, step 2/4)")
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == saved  # the last good epoch is kept
+
+
+def test_download_failure_says_how_to_supply_the_data(monkeypatch, tmp_path):
+    import data
+    from torchvision import datasets
+    monkeypatch.setattr(datasets.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # refused at once
+    with pytest.raises(data.DataError) as info:
+        data.build_dataset("cifar10", str(tmp_path), "pretrain")
+    message = str(info.value)
+    assert "\n" not in message and "download failed" in message
+    assert "cifar-10-batches-py" in message and f"--data-dir {tmp_path}" in message
