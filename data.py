@@ -167,6 +167,61 @@ def num_classes(dataset):
     return len(dataset.classes)
 
 
+def labels_of(dataset):
+    """All labels of a dataset from build_dataset, without reading any image."""
+    for name in ("targets", "labels"):  # ImageFolder/CIFAR: targets; STL-10/synthetic: labels
+        if hasattr(dataset, name):
+            return np.asarray(getattr(dataset, name), dtype=np.int64)
+    raise TypeError(f"{type(dataset).__name__} does not expose its labels")
+
+
+def balanced_subset(labels, fraction, seed=0):
+    """Sorted indices of round(fraction * n_c) random images of every class c (at least one each)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        chosen.append(rng.choice(idx, size=max(1, int(round(fraction * len(idx)))), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def subset_from_file(dataset, path):
+    """Indices of the images a file names, one per line: file names for imagefolder
+    (as the official ImageNet 1% / 10% lists: n01440764_10026.JPEG), indices otherwise."""
+    if not os.path.isfile(path):
+        raise DataError(f"subset file {path} does not exist")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise DataError(f"subset file {path} names no images")
+    if hasattr(dataset, "samples"):
+        where = {os.path.basename(p): i for i, (p, _) in enumerate(dataset.samples)}
+        missing = [n for n in names if os.path.basename(n) not in where]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(names)} names in {path} are not in the training set "
+                            f"(first: {missing[0]}); is --data-dir the right dataset?")
+        return np.array(sorted({where[os.path.basename(n)] for n in names}))
+    try:
+        indices = np.array(sorted({int(n) for n in names}))
+    except ValueError:
+        raise DataError(f"{path}: for {type(dataset).__name__} each line must be an image index") from None
+    if indices.min() < 0 or indices.max() >= len(dataset):
+        raise DataError(f"{path}: indices must lie in [0, {len(dataset)})")
+    return indices
+
+
+def defaults_from_checkpoint(settings, dataset=None, data_dir=None, image_size=None, synthetic_size=None):
+    """Evaluation data settings: given values, else the pretraining ones a checkpoint
+    records, else the dataset's. Returns (dataset, data_dir, image_size, synthetic_size)."""
+    same = dataset in (None, settings.get("dataset"))
+    dataset = dataset or settings.get("dataset")
+    if dataset is None:
+        raise DataError("the checkpoint records no pretraining dataset; pass --dataset")
+    image_size = image_size or (settings.get("image_size") if same else None) or NATIVE_SIZE[dataset]
+    return (dataset, data_dir or settings.get("data_dir", "data"), image_size,
+            synthetic_size or settings.get("synthetic_size", 512))
+
+
 def _sample_seed(seed, epoch, index):
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
 

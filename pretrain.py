@@ -11,24 +11,25 @@ temperature 0.5. The resolved settings are printed at start.
 
 Writes to --out at the end of every epoch: ckpt.pt (full state for --resume),
 encoder.pt (encoder only, read by linear_eval.py and finetune.py) and one JSON
-line in log.jsonl.
+line in log.jsonl. With --knn-every K (default 10; off for imagefolder) the
+encoder's weighted kNN accuracy on the labelled split is logged every K epochs.
 """
 import argparse
 import datetime
 import json
 import math
 import os
-import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from augment import SimCLRViews
+from augment import EvalTransform, SimCLRViews
+from distributed import all_mean, cleanup, fail, rank0_first, setup
+from features import extract_features, knn_accuracy
 from lars import LARS
 from loss import contrast_accuracy, contrastive_logits
 from model import (CHECKPOINT_FORMAT, ARCHS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
@@ -81,6 +82,11 @@ def get_args(argv=None):
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (the loss stays float32)")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
     r.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    r.add_argument("--knn-every", type=int, default=None,
+                   help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
+                        "default: 10, 0 (off) for imagefolder")
+    r.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
+    r.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
     args = p.parse_args(argv)
 
     # The CIFAR recipe (PAPER.md) for CIFAR and small images, where a flag was not given.
@@ -97,6 +103,8 @@ def get_args(argv=None):
         args.temperature = 0.5 if cifar else 0.1
     if args.lr is None:
         args.lr = 0.3 if args.lr_scaling == "linear" else 0.075
+    if args.knn_every is None:
+        args.knn_every = 0 if args.dataset == "imagefolder" else 10
     if args.workers is None:
         args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every"):
@@ -107,15 +115,6 @@ def get_args(argv=None):
     if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
         p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
     return args
-
-
-def fail(message, code=2):
-    """One line on stderr (rank 0 only under torchrun), no traceback."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"pretrain.py: error: {message}", file=sys.stderr, flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
 
 
 def lr_at(step, peak_lr, warmup_steps, total_steps):
@@ -129,27 +128,11 @@ def lr_at(step, peak_lr, warmup_steps, total_steps):
 def main():
     args = get_args()
 
-    # Distributed set-up: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; else one process.
-    ddp = "RANK" in os.environ
-    world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} does not divide by the {world} processes; use a multiple of {world}")
-    if ddp:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if ddp else 0
-    device = torch.device(f"cuda:{local_rank}" if ddp else "cuda") if torch.cuda.is_available() else torch.device("cpu")
-    cuda = device.type == "cuda"
-    args.amp, args.channels_last = args.amp and cuda, args.channels_last and cuda  # CUDA-only features
-    master = rank == 0
+    ctx = setup(args.batch_size)  # torchrun: one process per GPU (NCCL) or CPU slot (gloo)
+    device, master, world = ctx.device, ctx.master, ctx.world
+    args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda  # CUDA-only features
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume and not os.path.exists(ckpt_path):
@@ -158,27 +141,23 @@ def main():
         fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
 
     # Data. Rank 0 builds (downloads) first and tells the others whether that worked.
-    error = None
-    if master:
-        try:
-            raw = data.build_dataset(args.dataset, args.data_dir, "pretrain", args.image_size, args.synthetic_size)
-        except data.DataError as e:
-            error = str(e)
-    if ddp:
-        shared = [error]
-        dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
-    if error:
-        fail(error)
-    if not master:
-        raw = data.build_dataset(args.dataset, args.data_dir, "pretrain", args.image_size, args.synthetic_size,
-                                 download=False)
+    def build(split):
+        return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+
+    raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
     train_set = data.SeededTransform(raw, views, seed=args.seed)
     loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers,
-                              rank=rank, world=world, seed=args.seed, pin_memory=cuda)
+                              rank=ctx.rank, world=world, seed=args.seed, pin_memory=ctx.cuda)
+    knn_loaders = None
+    if args.knn_every:  # labelled train and test images, evaluation transform (no augmentation)
+        labelled = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
+        knn_loaders = [data.make_loader(data.SeededTransform(d, EvalTransform(args.image_size, train=False)),
+                                        per_rank, train=False, workers=args.workers, rank=ctx.rank, world=world,
+                                        pin_memory=ctx.cuda) for d in labelled]
+        knn_classes = data.num_classes(labelled[0])
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
@@ -214,16 +193,16 @@ def main():
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if ddp:
-        if cuda:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DDP(model, device_ids=[local_rank] if cuda else None)
+    if ctx.ddp:
+        if ctx.cuda:  # global BN: statistics over all processes' views (paper Sec. 2.1)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # `encoder` stays the live module
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
 
     if master:
         os.makedirs(args.out, exist_ok=True)
         print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}"
-              f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, processes {world}", flush=True)
-        if ddp and not cuda:
+              f"{' (' + torch.cuda.get_device_name(device) + ')' if ctx.cuda else ''}, processes {world}", flush=True)
+        if ctx.ddp and not ctx.cuda:
             print("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
                   f"{2 * per_rank} views", flush=True)
         print(json.dumps(vars(args), sort_keys=True), flush=True)
@@ -258,10 +237,7 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
 
-            stats = torch.stack([loss.detach(), contrast_accuracy(logits.detach(), targets)])
-            if ddp:
-                dist.all_reduce(stats)
-                stats /= world
+            stats = all_mean(torch.stack([loss.detach(), contrast_accuracy(logits.detach(), targets)]), ctx)
             if not math.isfinite(stats[0].item()):  # every rank sees the same value and stops together
                 fail(f"loss is {stats[0].item()} at step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}); "
                      f"weights are not updated and "
@@ -283,6 +259,20 @@ def main():
 
         epoch_time = time.time() - t_epoch
         mean_loss, mean_acc = (sums / steps_per_epoch).tolist()
+        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
+                  "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
+                  "images_per_s": round(steps_per_epoch * args.batch_size / epoch_time, 1)}
+        if knn_loaders and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            t_knn = time.time()
+            encoder.eval()  # BN running statistics, as the evaluation scripts use
+            (train_f, train_y), (test_f, test_y) = (
+                extract_features(encoder, ld, device, args.amp, args.channels_last) for ld in knn_loaders)
+            encoder.train()
+            record["knn_top1"] = knn_accuracy(train_f, train_y, test_f, test_y, knn_classes,
+                                              args.knn_k, args.knn_temperature)
+            if master:
+                print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
+                      f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
         if master:
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -296,16 +286,12 @@ def main():
             save_atomic(state, ckpt_path)
             save_encoder(os.path.join(args.out, "encoder.pt"), encoder, dataset=args.dataset, data_dir=args.data_dir,
                          image_size=args.image_size, epoch=epoch + 1, args=vars(args))
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
-                      "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
-                      "images_per_s": round(steps_per_epoch * args.batch_size / epoch_time, 1)}
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}; "
                   f"saved {ckpt_path}", flush=True)
 
-    if ddp:
-        dist.destroy_process_group()
+    cleanup()
 
 
 if __name__ == "__main__":
