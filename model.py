@@ -257,3 +257,12 @@ def load_encoder(path):
             f"{path}: weights do not match the encoder it describes "
             f"({ckpt['encoder_config']}): {str(e).splitlines()[0]}") from None
     return encoder, ckpt
+
+
+def pretrain_settings(ckpt):
+    """The pretraining flags a checkpoint records ({} if none): ckpt.pt keeps
+    them in "args", encoder.pt in "meta" (with "args" inside when pretrain.py wrote it)."""
+    meta = ckpt.get("meta") or {}
+    settings = dict(meta.get("args") or ckpt.get("args") or {})
+    settings.update({k: v for k, v in meta.items() if k != "args"})
+    return settings

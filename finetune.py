@@ -1,0 +1,206 @@
+"""Fine-tuning a pretrained encoder on a fraction of the labels (Chen et al. 2020, Sec. 6 and B.5).
+
+  python finetune.py runs/imagenet/encoder.pt --label-fraction 0.01
+  python finetune.py runs/imagenet/encoder.pt --subset-file 1percent.txt   # the official ImageNet lists
+  torchrun --nproc_per_node=8 finetune.py runs/imagenet/encoder.pt --label-fraction 0.1
+
+Trains the whole encoder plus a new linear head (zero-initialised) on a
+class-balanced subset of the labelled training set: round(fraction x n) random
+images of every class, chosen by --seed; or on the images named in
+--subset-file (one name per line, as the official ImageNet 1% / 10% files;
+image indices for the other datasets). The dataset, data folder and image size
+default to the pretraining ones.
+
+Protocol (defaults): SGD with Nesterov momentum 0.9, lr 0.05 x batch/256, no
+weight decay, cosine decay per step, 60 epochs at 1% of the labels or fewer and
+30 above, batch 4096 (imagefolder) or 256; random crop + flip; BN in train mode,
+synchronised across processes on CUDA. Test accuracy is measured once, after
+the last epoch, on every test image.
+
+Prints top-1 (and top-5 with at least 5 classes), writes JSON next to the
+checkpoint, and ends with the line `top-1 accuracy: XX.XX%`.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Subset
+
+import data
+from augment import EvalTransform
+from distributed import all_mean, cleanup, fail, rank0_first, setup
+from features import extract_features, topk_accuracy
+from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    p.add_argument("checkpoint", help="encoder.pt or ckpt.pt written by pretrain.py")
+    p.add_argument("--label-fraction", type=float, default=0.01, help="share of each class's labelled images used")
+    p.add_argument("--subset-file", default=None, help="train on the images this file names instead (one per line)")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the pretraining dataset")
+    p.add_argument("--data-dir", default=None, help="default: the pretraining one")
+    p.add_argument("--image-size", type=int, default=None, help="default: the pretraining one (same dataset) or the dataset's")
+    p.add_argument("--synthetic-size", type=int, default=None, help="generated training images; default: the pretraining one")
+    p.add_argument("--epochs", type=int, default=None, help="default: 60 at label fraction <= 1%%, else 30")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch; default: 4096 imagefolder, 256 otherwise")
+    p.add_argument("--lr", type=float, default=0.05, help="base learning rate: peak lr = lr x batch/256")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
+    p.add_argument("--random-init", action="store_true", help="start from a randomly initialised encoder (supervised baseline)")
+    p.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
+    p.add_argument("--seed", type=int, default=0, help="subset choice, head init, data order, augmentation")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
+    p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
+    args = p.parse_args(argv)
+    if not 0 < args.label_fraction <= 1:
+        p.error("--label-fraction must lie in (0, 1]")
+    return args
+
+
+def main():
+    args = get_args()
+    try:
+        encoder, ckpt = load_encoder(args.checkpoint)
+    except CheckpointError as e:
+        fail(str(e))
+    settings = pretrain_settings(ckpt)
+    try:
+        args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
+            settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
+    except data.DataError as e:
+        fail(f"{args.checkpoint}: {e}")
+    args.epochs = args.epochs or (60 if args.label_fraction <= 0.01 else 30)
+    args.batch_size = args.batch_size or (4096 if args.dataset == "imagefolder" else 256)
+    if args.workers is None:
+        args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if args.out is None:
+        tag = (os.path.splitext(os.path.basename(args.subset_file))[0] if args.subset_file
+               else f"{100 * args.label_fraction:g}pct")
+        args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}.json"
+
+    ctx = setup(args.batch_size)
+    device, master = ctx.device, ctx.master
+    args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
+    per_rank = args.batch_size // ctx.world
+    peak_lr = args.lr * args.batch_size / 256
+
+    def build(split):
+        return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+
+    def build_all():
+        train, test = build("train"), build("test")
+        chosen = (data.subset_from_file(train, args.subset_file) if args.subset_file
+                  else data.balanced_subset(data.labels_of(train), args.label_fraction, args.seed))
+        return train, test, chosen
+
+    train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
+    classes = data.num_classes(train_raw)
+    if len(chosen) < args.batch_size:
+        fail(f"the labelled subset has {len(chosen)} images, fewer than one batch of {args.batch_size}; "
+             "lower --batch-size or raise --label-fraction")
+    subset_classes = len(set(data.labels_of(train_raw)[chosen].tolist()))
+
+    torch.manual_seed(args.seed)
+    if args.random_init:
+        encoder = build_encoder(**encoder.config)
+    head = nn.Linear(encoder.feature_dim, classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    net = nn.Sequential(encoder, head).to(device)
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    model = net
+    if ctx.ddp:
+        if ctx.cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay)
+
+    train_set = data.SeededTransform(Subset(train_raw, chosen.tolist()), EvalTransform(args.image_size, train=True),
+                                     seed=args.seed)
+    train_loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers, rank=ctx.rank,
+                                    world=ctx.world, seed=args.seed, pin_memory=ctx.cuda)
+    test_loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False)),
+                                   per_rank, train=False, workers=args.workers, rank=ctx.rank, world=ctx.world,
+                                   pin_memory=ctx.cuda)
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    if master:
+        print(json.dumps(vars(args), sort_keys=True), flush=True)
+        origin = ("random weights" if args.random_init
+                  else f"pretrained {settings.get('epoch', '?')} epochs on {settings.get('dataset', '?')}")
+        print(f"encoder {encoder.config} ({origin}); "
+              f"{len(chosen)} of {len(train_raw)} labelled images ({subset_classes} of {classes} classes), "
+              f"{len(test_raw)} test; peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256, "
+              f"{steps_per_epoch} steps/epoch, processes {ctx.world}, device {device}", flush=True)
+
+    t_train = time.time()
+    for epoch in range(args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        model.train()  # BN in train mode: the whole network is fine-tuned
+        sums = torch.zeros(3, device=device)
+        t_epoch = time.time()
+        for i, (x, y) in enumerate(train_loader):
+            step = epoch * steps_per_epoch + i
+            lr = peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
+                                 torch.tensor(float(len(y)), device=device)])
+        sums = all_mean(sums, ctx)
+        train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
+        if not math.isfinite(train_loss):
+            fail(f"loss is {train_loss} in epoch {epoch + 1}; lower --lr", code=3)
+        if master:
+            print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
+                  f"({time.time() - t_epoch:.1f}s)", flush=True)
+
+    net.eval()  # the test set, once, after the last epoch
+    scores, test_y = extract_features(net, test_loader, device, args.amp, args.channels_last)
+    ks = (1, 5) if classes >= 5 else (1,)
+    accs = topk_accuracy(scores.float(), test_y, ks)
+    results = {
+        "checkpoint": os.path.abspath(args.checkpoint), "protocol": "finetune", "random_init": args.random_init,
+        "label_fraction": None if args.subset_file else args.label_fraction, "subset_file": args.subset_file,
+        "train_images": len(chosen), "test_images": len(test_y), "classes": classes, "dataset": args.dataset,
+        "image_size": args.image_size, "encoder_config": encoder.config, "pretrain_epochs": settings.get("epoch"),
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": peak_lr,
+        "weight_decay": args.weight_decay, "seed": args.seed, "final_train_loss": train_loss,
+        "final_train_acc": train_acc, "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
+        "train_time_s": round(time.time() - t_train, 1), "processes": ctx.world,
+    }
+    if master:
+        tmp = f"{args.out}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, args.out)
+        print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
+              + f"; wrote {args.out}")
+        print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

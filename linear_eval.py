@@ -1,0 +1,241 @@
+"""Linear evaluation of a pretrained encoder (Chen et al. 2020, Sec. 4 and B.6).
+
+  python linear_eval.py runs/cifar10/encoder.pt
+  torchrun --nproc_per_node=8 linear_eval.py runs/imagenet/encoder.pt --data-dir /data/imagenet
+
+Reads encoder.pt or ckpt.pt from pretrain.py and rebuilds the encoder from it;
+the dataset, data folder and image size default to the pretraining ones.
+
+Protocol (defaults): a linear classifier on h = f(x), the frozen encoder's
+features; SGD with Nesterov momentum 0.9, lr 0.1 x batch/256, cosine decay per
+step; ImageNet (imagefolder): 90 epochs, batch 4096, weight decay 1e-6; other
+datasets: 100 epochs, batch 512, no weight decay. Training images get random
+crop + flip only; test images the evaluation transform (centre crop 87.5%, none
+at 32 px). Test accuracy is measured once, after the last epoch: no epoch is
+picked by test accuracy. Every test image is counted once, also under torchrun.
+
+Also reported: weighted kNN accuracy (k = 200, cosine, t = 0.1) on the features
+of un-augmented images, which needs no training. --cached-features trains the
+classifier on those same features, computed once: minutes instead of hours,
+but without crop + flip augmentation. --random-init evaluates a randomly
+initialised encoder of the same architecture: the baseline to beat.
+
+Prints top-1 (and top-5 with at least 5 classes), writes JSON next to the
+checkpoint, and ends with the line `top-1 accuracy: XX.XX%`.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from augment import EvalTransform
+from distributed import all_mean, cleanup, fail, rank0_first, setup
+from features import extract_features, knn_accuracy, topk_accuracy
+from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    p.add_argument("checkpoint", help="encoder.pt or ckpt.pt written by pretrain.py")
+    p.add_argument("--dataset", default=None, choices=data.DATASETS, help="default: the pretraining dataset")
+    p.add_argument("--data-dir", default=None, help="default: the pretraining one")
+    p.add_argument("--image-size", type=int, default=None, help="default: the pretraining one (same dataset) or the dataset's")
+    p.add_argument("--synthetic-size", type=int, default=None, help="generated training images; default: the pretraining one")
+    p.add_argument("--epochs", type=int, default=None, help="default: 90 imagefolder, 100 otherwise")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch; default: 4096 imagefolder, 512 otherwise")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate: peak lr = lr x batch/256")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-6 imagefolder, 0 otherwise")
+    p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
+    p.add_argument("--cached-features", action="store_true",
+                   help="train on features computed once without augmentation (fast, no crop + flip)")
+    p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder instead")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN classifier")
+    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
+    p.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for the encoder on CUDA")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
+    p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
+    return p.parse_args(argv)
+
+
+def resolve(args, settings):
+    """Fill the defaults that depend on the checkpoint and the dataset."""
+    try:
+        args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
+            settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
+    except data.DataError as e:
+        fail(f"{args.checkpoint}: {e}")
+    imagenet = args.dataset == "imagefolder"
+    args.epochs = args.epochs or (90 if imagenet else 100)
+    args.batch_size = args.batch_size or (4096 if imagenet else 512)
+    if args.weight_decay is None:
+        args.weight_decay = 1e-6 if imagenet else 0.0
+    if args.workers is None:
+        args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if min(args.epochs, args.batch_size, args.knn_k, args.image_size) < 1 or args.workers < 0:
+        fail("--epochs, --batch-size, --knn-k and --image-size must be at least 1, --workers at least 0")
+    if args.out is None:
+        tags = "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else "")
+        args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
+    return args
+
+
+def cosine_lr(step, total_steps, peak_lr):
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+def write_json(results, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main():
+    args = get_args()
+    try:
+        encoder, ckpt = load_encoder(args.checkpoint)
+    except CheckpointError as e:
+        fail(str(e))
+    settings = pretrain_settings(ckpt)
+    args = resolve(args, settings)
+    ctx = setup(args.batch_size)
+    device, master = ctx.device, ctx.master
+    args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
+    per_rank = args.batch_size // ctx.world
+    peak_lr = args.lr * args.batch_size / 256
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        encoder = build_encoder(**encoder.config)
+
+    # The encoder is frozen and stays in eval mode: BN uses the running statistics
+    # from pretraining; in train mode they would drift toward the evaluation data
+    # and change the very features being evaluated.
+    encoder.to(device).eval().requires_grad_(False)
+    if args.channels_last:
+        encoder.to(memory_format=torch.channels_last)
+
+    def build(split):
+        return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+
+    train_raw, test_raw = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
+    classes = data.num_classes(train_raw)
+    if len(train_raw) < args.batch_size:
+        fail(f"the training set has {len(train_raw)} images, fewer than one batch of {args.batch_size}; "
+             "lower --batch-size")
+    plain = EvalTransform(args.image_size, train=False)
+
+    def feature_loader(raw, transform=plain, train=False):
+        return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed), per_rank, train=train,
+                                workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
+                                pin_memory=ctx.cuda)
+
+    if master:
+        print(json.dumps(vars(args), sort_keys=True), flush=True)
+        origin = ("random weights" if args.random_init
+                  else f"pretrained {settings.get('epoch', '?')} epochs on {settings.get('dataset', '?')}")
+        print(f"encoder {encoder.config} ({encoder.feature_dim}-d, {origin}); {args.dataset}: {len(train_raw)} train / {len(test_raw)} test "
+              f"images, {classes} classes; peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256; "
+              f"processes {ctx.world}, device {device}", flush=True)
+
+    t0 = time.time()
+    train_f, train_y = extract_features(encoder, feature_loader(train_raw), device, args.amp, args.channels_last)
+    test_f, test_y = extract_features(encoder, feature_loader(test_raw), device, args.amp, args.channels_last)
+    knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_temperature)
+    if master:
+        print(f"features in {time.time() - t0:.1f}s; kNN (k={args.knn_k}, t={args.knn_temperature}) "
+              f"top-1 {knn_top1:.2f}%", flush=True)
+
+    classifier = nn.Linear(encoder.feature_dim, classes).to(device)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    if args.cached_features:
+        # Every process trains the same classifier on all cached features: no gradient exchange needed.
+        steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
+        model = classifier
+    else:
+        train_loader = feature_loader(train_raw, EvalTransform(args.image_size, train=True), train=True)
+        steps_per_epoch = len(train_loader)
+        model = DDP(classifier, device_ids=[ctx.local_rank] if ctx.cuda else None) if ctx.ddp else classifier
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay)
+    total_steps = args.epochs * steps_per_epoch
+
+    def batches(epoch):
+        """(features, labels) batches of one epoch."""
+        if args.cached_features:
+            order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+            order = order.to(device)
+            for start in range(0, len(order), args.batch_size):
+                idx = order[start:start + args.batch_size]
+                yield train_f[idx], train_y[idx]
+        else:
+            train_loader.sampler.set_epoch(epoch)
+            for x, y in train_loader:
+                x = x.to(device, non_blocking=True)
+                if args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    h = encoder(x)
+                yield h, y.to(device, non_blocking=True)
+
+    t_train = time.time()
+    for epoch in range(args.epochs):
+        t_epoch = time.time()
+        sums = torch.zeros(3, device=device)  # loss sum, correct, count
+        for i, (h, y) in enumerate(batches(epoch)):
+            lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            logits = model(h.float())
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
+                                 torch.tensor(float(len(y)), device=device)])
+        sums = all_mean(sums, ctx) if not args.cached_features else sums
+        train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
+        if not math.isfinite(train_loss):
+            fail(f"classifier loss is {train_loss} in epoch {epoch + 1}; lower --lr", code=3)
+        if master:
+            print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
+                  f"({time.time() - t_epoch:.1f}s)", flush=True)
+
+    with torch.no_grad():  # the test set, once, after the last epoch
+        scores = classifier(test_f.float())
+    ks = (1, 5) if classes >= 5 else (1,)
+    accs = topk_accuracy(scores, test_y, ks)
+    results = {
+        "checkpoint": os.path.abspath(args.checkpoint), "protocol": "linear", "random_init": args.random_init,
+        "cached_features": args.cached_features, "dataset": args.dataset, "image_size": args.image_size,
+        "train_images": len(train_y), "test_images": len(test_y), "classes": classes,
+        "encoder_config": encoder.config, "pretrain_epochs": settings.get("epoch"),
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": peak_lr,
+        "weight_decay": args.weight_decay, "final_train_loss": train_loss, "final_train_acc": train_acc,
+        "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
+        "knn_top1": knn_top1, "knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
+        "train_time_s": round(time.time() - t_train, 1), "processes": ctx.world,
+    }
+    if master:
+        write_json(results, args.out)
+        print(f"kNN top-1 {knn_top1:.2f}%; linear top-1 {accs[0]:.2f}%"
+              + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "") + f"; wrote {args.out}")
+        print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
