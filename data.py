@@ -261,6 +261,11 @@ class EpochTagged(Sampler):
         return len(self.sampler)
 
 
+def default_workers():
+    """Data loading processes per process: the CPUs shared among this node's processes, at most 8."""
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pin_memory=False):
     """DataLoader over this rank's share of a SeededTransform; batch_size is per rank.
 

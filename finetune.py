@@ -84,7 +84,7 @@ def main():
     args.epochs = args.epochs or (60 if args.label_fraction <= 0.01 else 30)
     args.batch_size = args.batch_size or (4096 if args.dataset == "imagefolder" else 256)
     if args.workers is None:
-        args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        args.workers = data.default_workers()
     if args.out is None:
         tag = (os.path.splitext(os.path.basename(args.subset_file))[0] if args.subset_file
                else f"{100 * args.label_fraction:g}pct")

@@ -83,7 +83,7 @@ def resolve(args, settings):
     if args.weight_decay is None:
         args.weight_decay = 1e-6 if imagenet else 0.0
     if args.workers is None:
-        args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        args.workers = data.default_workers()
     if min(args.epochs, args.batch_size, args.knn_k, args.image_size) < 1 or args.workers < 0:
         fail("--epochs, --batch-size, --knn-k and --image-size must be at least 1, --workers at least 0")
     if args.out is None:

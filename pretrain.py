@@ -106,7 +106,7 @@ def get_args(argv=None):
     if args.knn_every is None:
         args.knn_every = 0 if args.dataset == "imagefolder" else 10
     if args.workers is None:
-        args.workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        args.workers = data.default_workers()
     for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
