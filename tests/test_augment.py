@@ -1,5 +1,6 @@
 """Views: shape, range, randomness; each colour op against an independent definition."""
 import colorsys
+import math
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ from torchvision import transforms
 
 import augment
 from augment import (CropFlip, EvalTransform, SimCLRViews, adjust_brightness, adjust_contrast, adjust_hue,
-                     adjust_saturation, blur_kernel_size, distort, gaussian_blur, random_resized_crop_params,
-                     to_grayscale)
+                     adjust_saturation, apply_distortion, blur_kernel_size, distort, gaussian_blur,
+                     random_resized_crop_params, sample_distortion, to_grayscale)
 
 
 def random_image(h=60, w=80, seed=0):
@@ -109,19 +110,96 @@ def test_grayscale_uses_luma_weights():
     assert to_grayscale(x).flatten().tolist() == pytest.approx([0.2989] * 3)
 
 
-def test_jitter_factors_lie_in_their_ranges():
-    # One-pixel-colour images isolate brightness: with contrast, saturation and hue
-    # off (strength scales all four), check the brightness factor range directly.
-    g = torch.Generator().manual_seed(4)
-    x = torch.full((2000, 3, 2, 2), 0.5)
-    out = augment.color_jitter(x, strength=1.0, generator=g)
-    assert out.min() >= 0 and out.max() <= 1
-    # Gray input stays gray under saturation and hue, and contrast keeps a constant image:
-    # only brightness acts, so out = clip(0.5 * U[0.2, 1.8]) = U[0.1, 0.9] per image.
-    v = out[:, 0, 0, 0]
-    assert v.min() >= 0.1 - 1e-6 and v.max() <= 0.9 + 1e-6
-    assert v.min() < 0.12 and v.max() > 0.88
-    assert abs(v.mean().item() - 0.5) < 0.02
+def test_sampled_parameters_follow_the_paper():
+    n = 24000
+    p = sample_distortion(n, strength=1.0, blur=True, generator=torch.Generator().manual_seed(4))
+    sd = 3.5 * math.sqrt(0.25 / n)  # 3.5 binomial standard deviations at p = 0.5
+    assert abs(p["jitter"].float().mean() - 0.8) < sd and abs(p["gray"].float().mean() - 0.2) < sd
+    assert abs(p["blur"].float().mean() - 0.5) < sd
+    f = p["factors"]
+    for j in range(3):  # brightness, contrast, saturation ~ U[0.2, 1.8]
+        assert 0.2 <= f[:, j].min() < 0.21 and 1.79 < f[:, j].max() <= 1.8 and abs(f[:, j].mean() - 1.0) < 0.01
+    assert -0.2 <= f[:, 3].min() < -0.19 and 0.19 < f[:, 3].max() <= 0.2 and abs(f[:, 3].mean()) < 0.005
+    assert 0.1 <= p["sigma"].min() < 0.11 and 1.99 < p["sigma"].max() <= 2.0
+    # every one of the 24 orders equally likely (chi-square, 23 dof: 99.9% quantile 49.7)
+    codes = (p["order"] * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.unique(codes, return_counts=True)[1].double()
+    assert len(counts) == 24 and ((counts - n / 24) ** 2 / (n / 24)).sum() < 49.7
+    weak = sample_distortion(1000, strength=0.5, blur=False, generator=torch.Generator().manual_seed(5))
+    assert not weak["blur"].any() and weak["factors"][:, :3].min() >= 0.6 and weak["factors"][:, 3].abs().max() <= 0.1
+
+
+def test_jitter_applies_the_four_operations_in_each_images_order():
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(12, 3, 6, 6, generator=g, dtype=torch.float64)
+    p = sample_distortion(12, generator=g)
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    out = augment.color_jitter(x, p["factors"].double(), p["order"])
+    for i in range(12):  # the per-image definition: one image, four operations in sequence
+        y = x[i:i + 1]
+        for op_index in p["order"][i].tolist():
+            y = ops[op_index](y, p["factors"][i:i + 1, op_index].double()).clamp(0, 1)
+        torch.testing.assert_close(out[i:i + 1], y, rtol=0, atol=1e-12)
+    assert len({tuple(o) for o in p["order"].tolist()}) > 1
+
+
+def test_batched_path_equals_each_image_alone():
+    """The device path distorts a whole batch; each image must come out as if alone."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(16, 3, 40, 40, generator=g)
+    p = sample_distortion(16, generator=g)
+    batch = apply_distortion(x, p, 5)
+    for i in range(16):
+        alone = apply_distortion(x[i:i + 1], {k: v[i:i + 1] for k, v in p.items()}, 5)
+        torch.testing.assert_close(batch[i:i + 1], alone, rtol=0, atol=1e-6)
+
+
+def test_cpu_path_equals_crops_then_distortion_with_the_same_draws():
+    """SimCLRViews (CPU path) = its crops (what device-path workers make) + apply_distortion,
+    when the distortion parameters come from the same generator state."""
+    views = SimCLRViews(32, strength=1.0, blur=True)
+    img = random_image()
+    x1, x2 = views(img, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    crops = torch.stack(views.crops(img, g))
+    assert crops.dtype == torch.uint8 and crops.shape == (2, 3, 32, 32)
+    expected = apply_distortion(crops.float() / 255, sample_distortion(2, 1.0, True, g), blur_kernel_size(32))
+    torch.testing.assert_close(torch.stack([x1, x2]), expected, rtol=0, atol=0)
+
+
+def test_each_operation_acts_only_on_the_images_it_selects():
+    g = torch.Generator().manual_seed(10)
+    x = torch.rand(4, 3, 30, 30, generator=g)
+    p = sample_distortion(4, generator=g)
+    p["jitter"] = torch.tensor([True, False, False, False])
+    p["gray"] = torch.tensor([False, True, False, False])
+    p["blur"] = torch.tensor([False, False, True, False])
+    out = apply_distortion(x, p, 3)
+    assert not torch.allclose(out[0], x[0]) and not is_gray(out[:1])[0]
+    torch.testing.assert_close(out[1], to_grayscale(x[1:2])[0])
+    torch.testing.assert_close(out[2], gaussian_blur(x[2:3], p["sigma"][2:3], 3)[0])
+    assert torch.equal(out[3], x[3])
+
+
+def test_blur_drops_only_taps_below_float32_resolution():
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(6, 3, 40, 40, generator=g)
+    sigma = torch.tensor([0.1, 0.3, 0.7, 1.0, 1.5, 2.0])
+    for i in range(6):  # each alone, so small sigmas get the short kernel
+        short = gaussian_blur(x[i:i + 1], sigma[i:i + 1], 23)
+        full = _reference_blur(x[i:i + 1], sigma[i].item(), 23)
+        torch.testing.assert_close(short, full, rtol=0, atol=3e-7)
+
+
+def _reference_blur(x, sigma, k):
+    """Full-length kernel, direct separable convolution in float64."""
+    r = k // 2
+    w = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+    w = w / w.sum()
+    y = torch.nn.functional.pad(x.double(), (r, r, r, r), mode="reflect")
+    y = sum(w[j] * y[..., j:j + x.shape[-1]] for j in range(k))
+    y = sum(w[j] * y[..., j:j + x.shape[-2], :] for j in range(k))
+    return y.float()
 
 
 def test_crop_params_respect_area_and_aspect_ranges():
@@ -173,29 +251,3 @@ def test_distort_rejects_wrong_input():
         distort(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError):
         distort(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
-
-
-def test_jitter_and_blur_rates_and_sigma_range(monkeypatch):
-    calls = {"jitter": 0, "blur": 0, "sigmas": []}
-    jitter, blur = augment.color_jitter, augment.gaussian_blur
-
-    def counting_jitter(v, strength, generator):
-        calls["jitter"] += v.shape[0]
-        return jitter(v, strength, generator)
-
-    def counting_blur(v, sigma, k):
-        calls["blur"] += v.shape[0]
-        calls["sigmas"].append(sigma)
-        assert k == 23
-        return blur(v, sigma, k)
-
-    monkeypatch.setattr(augment, "color_jitter", counting_jitter)
-    monkeypatch.setattr(augment, "gaussian_blur", counting_blur)
-    g = torch.Generator().manual_seed(6)
-    for _ in range(10):
-        distort(torch.rand(400, 3, 224, 4, generator=g), 1.0, blur=True, generator=g)
-    sigmas = torch.cat(calls["sigmas"])
-    assert abs(calls["jitter"] / 4000 - 0.8) < 0.025  # binomial sd 0.0063
-    assert abs(calls["blur"] / 4000 - 0.5) < 0.03
-    assert sigmas.min() >= 0.1 and sigmas.max() <= 2.0
-    assert sigmas.min() < 0.15 and sigmas.max() > 1.95
