@@ -69,11 +69,12 @@ def contrastive_logits(z1, z2, temperature=0.1):
     with torch.autocast(device_type=z1.device.type, enabled=False):
         anchors = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, d), cosine similarity
         candidates = gather_with_grad(anchors)                     # (2N, d)
-        logits = anchors @ candidates.T / temperature              # (2n, d) @ (d, 2N) -> (2n, 2N)
+        logits = (anchors / temperature) @ candidates.T            # (2n, d) @ (d, 2N) -> (2n, 2N)
     k = torch.arange(two_n, device=z1.device)
     own = rank * two_n + k                          # anchor k's own column: not a candidate
     targets = rank * two_n + (k + two_n // 2) % two_n  # the other view of the same image
-    logits = logits.index_put((k, own), torch.tensor(float("-inf"), device=z1.device))
+    # In place: the product is not needed for its backward, so no (2n, 2N) copy is made.
+    logits.index_put_((k, own), torch.tensor(float("-inf"), device=z1.device))
     return logits, targets
 
 

@@ -27,7 +27,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from augment import EvalTransform, SimCLRViews
+from augment import EvalTransform, SimCLRViews, distort
 from distributed import all_mean, cleanup, fail, rank0_first, setup
 from features import extract_features, knn_accuracy
 from lars import LARS
@@ -81,6 +81,11 @@ def get_args(argv=None):
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (the loss stays float32)")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
+    r.add_argument("--distort-on", choices=("device", "workers"), default=None,
+                   help="where colour distortion and blur run. device: the data workers only decode, crop and "
+                        "flip into uint8, and each batch is distorted on the GPU; workers: the whole view is made "
+                        "in the data workers. Default: device on CUDA, workers on CPU")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model (the loss stays eager, in float32)")
     r.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     r.add_argument("--knn-every", type=int, default=None,
                    help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
@@ -125,12 +130,38 @@ def lr_at(step, peak_lr, warmup_steps, total_steps):
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def to_device_views(x1, x2, args, device, generator, seed):
+    """Both views of a batch as one (2n, 3, H, W) float batch on the device: distorted
+    there (batched, generator seeded with `seed`) when the workers only cropped."""
+    x = torch.cat([x1, x2]).to(device, non_blocking=True)  # both views through one BN batch
+    if args.distort_on == "device":
+        generator.manual_seed(seed)
+        x = distort(x.float().div_(255.0), args.strength, args.blur, generator)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def forward_backward(model, x, temperature, amp):
+    """NT-Xent of the views x = [x1; x2] and its gradients -> (loss, contrast accuracy)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        _, z = model(x)
+    z1, z2 = z.chunk(2)
+    logits, targets = contrastive_logits(z1, z2, temperature)  # float32, negatives from all ranks
+    loss = F.cross_entropy(logits, targets)
+    accuracy = contrast_accuracy(logits.detach(), targets)
+    del logits  # (2n, 2N): not kept through the backward pass
+    loss.backward()
+    return loss.detach(), accuracy
+
+
 def main():
     args = get_args()
 
     ctx = setup(args.batch_size)  # torchrun: one process per GPU (NCCL) or CPU slot (gloo)
     device, master, world = ctx.device, ctx.master, ctx.world
     args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda  # CUDA-only features
+    args.distort_on = args.distort_on or ("device" if ctx.cuda else "workers")
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
 
@@ -148,7 +179,8 @@ def main():
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
-    train_set = data.SeededTransform(raw, views, seed=args.seed)
+    # The workers make whole views, or only the uint8 crops when the device distorts the batch.
+    train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed)
     loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers,
                               rank=ctx.rank, world=world, seed=args.seed, pin_memory=ctx.cuda)
     knn_loaders = None
@@ -197,6 +229,9 @@ def main():
         if ctx.cuda:  # global BN: statistics over all processes' views (paper Sec. 2.1)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # `encoder` stays the live module
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    if args.compile:
+        model = torch.compile(model)
+    generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
 
     if master:
         os.makedirs(args.out, exist_ok=True)
@@ -226,18 +261,12 @@ def main():
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = torch.cat([x1, x2]).to(device, non_blocking=True)  # (2n, 3, H, W): both views in one BN batch
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                _, z = model(x)
-            z1, z2 = z.chunk(2)
-            logits, targets = contrastive_logits(z1, z2, args.temperature)  # float32, negatives from all ranks
-            loss = F.cross_entropy(logits, targets)
+            x = to_device_views(x1, x2, args, device, generator,
+                                seed=((args.seed + 1) * 1_000_003 + step) * 4_099 + ctx.rank)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, accuracy = forward_backward(model, x, args.temperature, args.amp)
 
-            stats = all_mean(torch.stack([loss.detach(), contrast_accuracy(logits.detach(), targets)]), ctx)
+            stats = all_mean(torch.stack([loss, accuracy]), ctx)
             if not math.isfinite(stats[0].item()):  # every rank sees the same value and stops together
                 fail(f"loss is {stats[0].item()} at step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}); "
                      f"weights are not updated and "

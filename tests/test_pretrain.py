@@ -55,6 +55,24 @@ def test_resume_continues_exactly(run, tmp_path):
     assert [r["epoch"] for r in read_log(tmp_path / "resumed" / "log.jsonl")] == [1, 2, 3]
 
 
+def test_device_side_distortion_resumes_exactly(run, tmp_path):
+    """--distort-on device (the CUDA default; here the CPU is the device): the workers only
+    crop, the batch is distorted in the training process with a generator seeded per step."""
+    flags = [*TINY, "--distort-on", "device", "--workers", "1"]
+    result = run("pretrain.py", *flags, "--epochs", "2", "--out", "straight")
+    assert '"distort_on": "device"' in result.stdout
+    run("pretrain.py", *flags, "--epochs", "1", "--out", "resumed")
+    run("pretrain.py", *flags, "--epochs", "2", "--out", "resumed", "--resume")
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    workers = run("pretrain.py", *TINY, "--epochs", "1", "--out", "workers")
+    assert '"distort_on": "workers"' in workers.stdout  # the CPU default
+    c = torch.load(tmp_path / "workers" / "ckpt.pt", weights_only=True)["model"]
+    d = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
+    assert not torch.equal(c["encoder.conv1.weight"], d["encoder.conv1.weight"])
+
+
 def test_torchrun_two_processes(run, tmp_path):
     result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", torchrun=2)
     assert "processes 2" in result.stdout and "8 images x 2 views per rank" in result.stdout
