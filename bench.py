@@ -157,7 +157,7 @@ def bench_step(args):
     def run(batches, distort_on):
         settings.distort_on = distort_on
         n = 0
-        for i, ((x1, x2), _) in enumerate(batches):
+        for i, ((x1, x2), *_) in enumerate(batches):
             if i == 3:  # warm-up: cudnn autotuning, worker start-up
                 sync()
                 t, n = time.perf_counter(), 0
@@ -289,7 +289,7 @@ def bench_epoch(args):
     loader = data.make_loader(dataset, b, train=True, workers=args.workers, pin_memory=cuda)
     generator = torch.Generator()  # distortion parameters are drawn on the CPU
     t = time.perf_counter()
-    for i, ((x1, x2), _) in enumerate(loader):
+    for i, ((x1, x2), *_) in enumerate(loader):
         x = to_device_views(x1, x2, settings, device, generator, seed=i)
         optimizer.zero_grad(set_to_none=True)
         forward_backward(model, x, 0.5, amp=cuda)

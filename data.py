@@ -7,9 +7,15 @@ DIR/val/CLASS/*), and synthetic is a labelled set of generated images
 build_dataset returns (PIL image, label) pairs; SeededTransform applies a
 transform whose randomness is fixed by (seed, epoch, index), so the views do
 not depend on the number of workers or processes and a resumed run sees
-exactly the views it would have seen.
+exactly the views it would have seen. Unreadable images are skipped and
+counted (or, strict, an error).
 """
+import atexit
+import itertools
+import multiprocessing
 import os
+import signal
+import sys
 
 import numpy as np
 import torch
@@ -28,6 +34,13 @@ DOWNLOADS = {
 
 class DataError(Exception):
     """A dataset that cannot be used; the message says what to do."""
+
+
+def error_text(e):
+    """The message of a DataError, also when a DataLoader worker raised it (PyTorch then
+    re-raises it with the worker's traceback in the message; its last line is ours)."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    return last.split("DataError: ", 1)[-1]
 
 
 # ----------------------------------------------------------------------------
@@ -227,38 +240,87 @@ def _sample_seed(seed, epoch, index):
 
 
 class SeededTransform(Dataset):
-    """dataset[i] = (transform(image, generator), label), the generator seeded
-    from (seed, epoch, i). Index it with (epoch, i) pairs, as make_loader does."""
+    """dataset[i] = (transform(image, generator), label, unreadable), the generator
+    seeded from (seed, epoch, i). Index it with (epoch, i) pairs, as make_loader does.
 
-    def __init__(self, dataset, transform, seed=0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    An image that cannot be read (corrupt, truncated, not an image) is replaced by
+    the next readable one, reported once per worker on stderr, and flagged in
+    `unreadable` (1 for that sample); with strict=True it raises DataError instead.
+    """
+
+    def __init__(self, dataset, transform, seed=0, strict=False):
+        self.dataset, self.transform, self.seed, self.strict = dataset, transform, seed, strict
+        self._reported = set()
 
     def __len__(self):
         return len(self.dataset)
 
+    def _name(self, j):
+        samples = getattr(self.dataset, "samples", None)
+        return samples[j][0] if samples else f"image {j}"
+
     def __getitem__(self, key):
         epoch, i = key
-        img, label = self.dataset[i]
+        for attempt in range(len(self.dataset)):
+            j = (i + attempt) % len(self.dataset)
+            try:
+                img, label = self.dataset[j]
+                break
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+                reason = f"{self._name(j)} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                if self.strict:
+                    raise DataError(f"cannot read {reason}; remove or replace the file "
+                                    "(without --strict-data unreadable images are skipped)") from None
+                if j not in self._reported:
+                    self._reported.add(j)
+                    print(f"warning: skipping unreadable image {reason}", file=sys.stderr, flush=True)
+        else:
+            raise DataError(f"none of the {len(self.dataset)} images can be read")
         generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, i))
-        return self.transform(img, generator), label
+        return self.transform(img, generator), label, int(attempt > 0)  # 1: image i itself was unreadable
 
 
 class EpochTagged(Sampler):
     """Yields (epoch, index) from a DistributedSampler, so the workers (which
-    hold their own copy of the dataset) know the epoch of every sample."""
+    hold their own copy of the dataset) know the epoch of every sample; can
+    skip the start of an epoch (resuming in the middle of one)."""
 
     def __init__(self, sampler):
-        self.sampler = sampler
+        self.sampler, self.skip = sampler, 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, skip=0):
+        """skip: how many of this rank's samples of the epoch to leave out, from the start."""
         self.sampler.set_epoch(epoch)
+        self.skip = skip
 
     def __iter__(self):
         epoch = self.sampler.epoch
-        return ((epoch, i) for i in self.sampler)
+        return ((epoch, i) for i in itertools.islice(iter(self.sampler), self.skip, None))
 
     def __len__(self):
-        return len(self.sampler)
+        return len(self.sampler) - self.skip
+
+
+def _worker_init(worker_id):
+    # A SIGTERM or SIGINT sent to the whole process group (a scheduler, Ctrl-C) is the
+    # training process's to handle: it finishes its step and saves. Without this the
+    # workers would die at once and take the training process down mid-step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_AT_EXIT = []
+
+
+def _kill_leftover_workers():
+    # At exit, multiprocessing terminates daemonic children with SIGTERM and waits for them;
+    # workers that ignore SIGTERM would make it wait forever. A normal exit has already shut
+    # the workers down; after an error they may still run, so they get SIGKILL first.
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would report them as failures
+        for child in leftover:
+            child.kill()
 
 
 def default_workers():
@@ -275,5 +337,9 @@ def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pi
     ranks DistributedSampler pads the last batch by repeating a few samples.
     """
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    if workers and _kill_leftover_workers not in _AT_EXIT:  # registered after multiprocessing's: runs before it
+        atexit.register(_kill_leftover_workers)
+        _AT_EXIT.append(_kill_leftover_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler), num_workers=workers,
-                      pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0)
+                      pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
+                      worker_init_fn=_worker_init)

@@ -28,13 +28,13 @@ def extract_features(model, loader, device, amp=False, channels_last=False):
     sampler = getattr(loader.sampler, "sampler", loader.sampler)
     indices = torch.tensor(list(iter(sampler)), device=device)  # this rank's samples, in loader order
     feats, labels = [], []
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
+    for batch in loader:  # (images, labels, ...)
+        x, y = batch[0].to(device, non_blocking=True), batch[1]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feats.append(model(x))
-        labels.append(torch.as_tensor(y, device=device))
+        labels.append(torch.as_tensor(y).to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if len(feats) != len(indices):
         raise RuntimeError(f"got {len(feats)} rows for {len(indices)} samples: the loader must not drop any")

@@ -34,7 +34,7 @@ from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
-from distributed import all_mean, cleanup, fail, rank0_first, setup
+from distributed import all_sum, cleanup, fail, rank0_first, setup
 from features import extract_features, topk_accuracy
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
 
@@ -60,6 +60,8 @@ def get_args(argv=None):
     p.add_argument("--random-init", action="store_true", help="start from a randomly initialised encoder (supervised baseline)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
     p.add_argument("--seed", type=int, default=0, help="subset choice, head init, data order, augmentation")
+    p.add_argument("--strict-data", action="store_true",
+                   help="stop at an unreadable training image instead of skipping it (test images always must be readable)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
     p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
@@ -130,10 +132,11 @@ def main():
                                 weight_decay=args.weight_decay)
 
     train_set = data.SeededTransform(Subset(train_raw, chosen.tolist()), EvalTransform(args.image_size, train=True),
-                                     seed=args.seed)
+                                     seed=args.seed, strict=args.strict_data)
     train_loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers, rank=ctx.rank,
                                     world=ctx.world, seed=args.seed, pin_memory=ctx.cuda)
-    test_loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False)),
+    test_loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False),
+                                                        strict=True),  # every test image must count
                                    per_rank, train=False, workers=args.workers, rank=ctx.rank, world=ctx.world,
                                    pin_memory=ctx.cuda)
     steps_per_epoch = len(train_loader)
@@ -153,7 +156,7 @@ def main():
         model.train()  # BN in train mode: the whole network is fine-tuned
         sums = torch.zeros(3, device=device)
         t_epoch = time.time()
-        for i, (x, y) in enumerate(train_loader):
+        for i, (x, y, _) in enumerate(train_loader):
             step = epoch * steps_per_epoch + i
             lr = peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             for group in optimizer.param_groups:
@@ -169,7 +172,7 @@ def main():
             optimizer.step()
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                  torch.tensor(float(len(y)), device=device)])
-        sums = all_mean(sums, ctx)
+        sums = all_sum(sums, ctx)
         train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
         if not math.isfinite(train_loss):
             fail(f"loss is {train_loss} in epoch {epoch + 1}; lower --lr", code=3)
@@ -203,4 +206,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # raised in a data worker: its message, without the worker's traceback
+        fail(data.error_text(e))

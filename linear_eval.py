@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
-from distributed import all_mean, cleanup, fail, rank0_first, setup
+from distributed import all_sum, cleanup, fail, rank0_first, setup
 from features import extract_features, knn_accuracy, topk_accuracy
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
 
@@ -64,6 +64,8 @@ def get_args(argv=None):
     p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict-data", action="store_true",
+                   help="stop at an unreadable training image instead of skipping it (test images always must be readable)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for the encoder on CUDA")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
     p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
@@ -137,9 +139,9 @@ def main():
              "lower --batch-size")
     plain = EvalTransform(args.image_size, train=False)
 
-    def feature_loader(raw, transform=plain, train=False):
-        return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed), per_rank, train=train,
-                                workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
+    def feature_loader(raw, transform=plain, train=False, strict=True):
+        return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict), per_rank,
+                                train=train, workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
                                 pin_memory=ctx.cuda)
 
     if master:
@@ -151,7 +153,9 @@ def main():
               f"processes {ctx.world}, device {device}", flush=True)
 
     t0 = time.time()
-    train_f, train_y = extract_features(encoder, feature_loader(train_raw), device, args.amp, args.channels_last)
+    # An unreadable training image is skipped (unless --strict-data); every test image must count.
+    train_f, train_y = extract_features(encoder, feature_loader(train_raw, strict=args.strict_data), device,
+                                        args.amp, args.channels_last)
     test_f, test_y = extract_features(encoder, feature_loader(test_raw), device, args.amp, args.channels_last)
     knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_temperature)
     if master:
@@ -166,7 +170,8 @@ def main():
         steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
         model = classifier
     else:
-        train_loader = feature_loader(train_raw, EvalTransform(args.image_size, train=True), train=True)
+        train_loader = feature_loader(train_raw, EvalTransform(args.image_size, train=True), train=True,
+                                      strict=args.strict_data)
         steps_per_epoch = len(train_loader)
         model = DDP(classifier, device_ids=[ctx.local_rank] if ctx.cuda else None) if ctx.ddp else classifier
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
@@ -183,7 +188,7 @@ def main():
                 yield train_f[idx], train_y[idx]
         else:
             train_loader.sampler.set_epoch(epoch)
-            for x, y in train_loader:
+            for x, y, _ in train_loader:
                 x = x.to(device, non_blocking=True)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -206,7 +211,7 @@ def main():
             optimizer.step()
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                  torch.tensor(float(len(y)), device=device)])
-        sums = all_mean(sums, ctx) if not args.cached_features else sums
+        sums = all_sum(sums, ctx) if not args.cached_features else sums
         train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
         if not math.isfinite(train_loss):
             fail(f"classifier loss is {train_loss} in epoch {epoch + 1}; lower --lr", code=3)
@@ -238,4 +243,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # raised in a data worker: its message, without the worker's traceback
+        fail(data.error_text(e))
