@@ -1,6 +1,10 @@
 """Process set-up shared by the scripts: torchrun (NCCL on CUDA, gloo on CPU)
-or one plain process on GPU or CPU, and the one-line error exit."""
+or one plain process on GPU or CPU, the one-line error exit, stop signals,
+and the global random generators' state."""
+import datetime
 import os
+import random
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -25,8 +29,12 @@ class Context:
         return self.device.type == "cuda"
 
 
-def setup(global_batch=None):
-    """Initialise the process group under torchrun; check the batch divides by the processes."""
+def setup(global_batch=None, timeout_minutes=10):
+    """Initialise the process group under torchrun; check the batch divides by the processes.
+
+    timeout_minutes bounds how long a collective waits for a process that died or hangs:
+    the others then fail instead of waiting forever (torchrun also stops them as soon as
+    it sees one process exit with an error)."""
     ddp = "RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     if global_batch is not None and global_batch % world:
@@ -36,7 +44,7 @@ def setup(global_batch=None):
     if ddp:
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -45,12 +53,22 @@ def setup(global_batch=None):
     return Context(ddp, dist.get_rank() if ddp else 0, world, local_rank, device)
 
 
-def fail(message, code=2):
-    """Exit with one line on stderr (from rank 0 only under torchrun), no traceback."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
-    cleanup()
+def fail(message, code=2, every_rank=False):
+    """Exit with one line on stderr (from rank 0 only under torchrun, unless every_rank), no traceback."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 or every_rank:
+        where = f" (rank {rank})" if every_rank and "RANK" in os.environ else ""
+        print(f"{os.path.basename(sys.argv[0])}{where}: error: {message}", file=sys.stderr, flush=True)
+    if not every_rank:  # every_rank: a peer failed, and tearing down the group could block on it
+        cleanup()
     sys.exit(code)
+
+
+def peer_failure(e):
+    """Whether an error comes from a collective whose peer process died or stopped answering."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed", "Timed out", "timed out"))
 
 
 def cleanup():
@@ -81,10 +99,43 @@ def rank0_first(ctx, build, errors):
     return result
 
 
-def all_mean(x, ctx):
-    """Mean of a tensor over all processes (the tensor itself in one process)."""
+def all_sum(x, ctx):
+    """Sum of a tensor over all processes (the tensor itself in one process)."""
     if ctx.ddp:
         x = x.clone()
         dist.all_reduce(x)
-        x /= ctx.world
     return x
+
+
+class StopRequest:
+    """SIGTERM / SIGINT (what schedulers send before preemption, and Ctrl-C) set a flag;
+    the training loop finishes its step, saves, and exits. A second SIGINT stops at once;
+    further SIGTERMs (torchrun forwards the one it gets) do not interrupt the save."""
+
+    def __init__(self):
+        self.signum = 0
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = self.signum or signum
+        who = f"rank {os.environ['RANK']} " if "RANK" in os.environ else ""
+        print(f"{who}received {signal.Signals(signum).name}: stopping after this step and saving "
+              "(Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
+
+
+def rng_states():
+    """The global generators (training itself draws only from seeded generators)."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -19,16 +19,20 @@ import datetime
 import json
 import math
 import os
+import signal
+import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform, SimCLRViews, distort
-from distributed import all_mean, cleanup, fail, rank0_first, setup
+from distributed import (StopRequest, all_sum, cleanup, fail, peer_failure, rank0_first, restore_rng_states,
+                         rng_states, setup)
 from features import extract_features, knn_accuracy
 from lars import LARS
 from loss import contrast_accuracy, contrastive_logits
@@ -77,7 +81,13 @@ def get_args(argv=None):
     o.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature; default 0.1 (0.5 CIFAR recipe)")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/simclr", help="folder for ckpt.pt, encoder.pt and log.jsonl")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt at the next epoch")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.pt where it stopped (mid-epoch too), with the same schedule")
+    r.add_argument("--auto-resume", action="store_true",
+                   help="resume if OUT/ckpt.pt exists, else start: one command for a job that a scheduler requeues")
+    r.add_argument("--strict-data", action="store_true", help="stop at an unreadable image instead of skipping it")
+    r.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a collective waits for a process that died or hangs before the others fail")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (the loss stays float32)")
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
@@ -157,8 +167,7 @@ def forward_backward(model, x, temperature, amp):
 
 def main():
     args = get_args()
-
-    ctx = setup(args.batch_size)  # torchrun: one process per GPU (NCCL) or CPU slot (gloo)
+    ctx = setup(args.batch_size, args.dist_timeout)  # torchrun: one process per GPU (NCCL) or CPU slot (gloo)
     device, master, world = ctx.device, ctx.master, ctx.world
     args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda  # CUDA-only features
     args.distort_on = args.distort_on or ("device" if ctx.cuda else "workers")
@@ -166,10 +175,16 @@ def main():
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.auto_resume:
+        args.resume = os.path.exists(ckpt_path)
     if args.resume and not os.path.exists(ckpt_path):
         fail(f"--resume: nothing to resume, {ckpt_path} does not exist")
     if not args.resume and os.path.exists(ckpt_path):
         fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
+    if master and os.path.isdir(args.out):  # leftovers of a save that was killed: the real files are intact
+        for name in os.listdir(args.out):
+            if name.startswith(("ckpt.pt.tmp.", "encoder.pt.tmp.")):
+                os.remove(os.path.join(args.out, name))
 
     # Data. Rank 0 builds (downloads) first and tells the others whether that worked.
     def build(split):
@@ -180,15 +195,17 @@ def main():
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
     # The workers make whole views, or only the uint8 crops when the device distorts the batch.
-    train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed)
+    train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed,
+                                     strict=args.strict_data)
     loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers,
                               rank=ctx.rank, world=world, seed=args.seed, pin_memory=ctx.cuda)
     knn_loaders = None
     if args.knn_every:  # labelled train and test images, evaluation transform (no augmentation)
         labelled = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
-        knn_loaders = [data.make_loader(data.SeededTransform(d, EvalTransform(args.image_size, train=False)),
-                                        per_rank, train=False, workers=args.workers, rank=ctx.rank, world=world,
-                                        pin_memory=ctx.cuda) for d in labelled]
+        plain = EvalTransform(args.image_size, train=False)
+        knn_loaders = [data.make_loader(data.SeededTransform(d, plain, strict=strict), per_rank, train=False,
+                                        workers=args.workers, rank=ctx.rank, world=world, pin_memory=ctx.cuda)
+                       for d, strict in zip(labelled, (args.strict_data, True))]  # every test image counts
         knn_classes = data.num_classes(labelled[0])
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
@@ -201,7 +218,7 @@ def main():
     model = SimCLR(encoder, head)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
                      weight_decay=args.weight_decay, eta=args.eta)
-    start_epoch = 0
+    start_epoch, start_step, start_sums = 0, 0, [0.0, 0.0, 0.0]
     if args.resume:
         try:
             ckpt = read_checkpoint(ckpt_path)
@@ -216,7 +233,13 @@ def main():
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
                  "resume with the original flags")
-        start_epoch = ckpt["epoch"]
+        start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+        if start_step and ckpt.get("steps_per_epoch") != steps_per_epoch:
+            fail(f"{ckpt_path} stopped in the middle of an epoch of {ckpt.get('steps_per_epoch')} steps, but these "
+                 f"flags make epochs of {steps_per_epoch}; resume with the original dataset and --batch-size")
+        start_sums = ckpt.get("epoch_sums", start_sums) if start_step else start_sums
+        if "rng" in ckpt:
+            restore_rng_states(ckpt["rng"])
         changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                    if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature",
                             "strength", "blur", "image_size", "weight_decay") and ckpt["args"].get(k) != v}
@@ -233,6 +256,24 @@ def main():
         model = torch.compile(model)
     generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
 
+    def save(epochs_done, step_in_epoch, sums):
+        """Rank 0 writes the resume state and the encoder export, each atomically."""
+        save_atomic({
+            "format": CHECKPOINT_FORMAT,
+            "encoder_config": dict(encoder.config),
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epochs_done,               # complete epochs
+            "step_in_epoch": step_in_epoch,     # steps done in the next one (stopped mid-epoch)
+            "step": epochs_done * steps_per_epoch + step_in_epoch,  # the learning-rate schedule's position
+            "steps_per_epoch": steps_per_epoch,
+            "epoch_sums": sums,                 # loss, accuracy, unreadable images so far in that epoch
+            "rng": rng_states(),
+            "args": vars(args),
+        }, ckpt_path)
+        save_encoder(os.path.join(args.out, "encoder.pt"), encoder, dataset=args.dataset, data_dir=args.data_dir,
+                     image_size=args.image_size, epoch=epochs_done, step_in_epoch=step_in_epoch, args=vars(args))
+
     if master:
         os.makedirs(args.out, exist_ok=True)
         print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}"
@@ -245,18 +286,30 @@ def main():
               f"{per_rank} images x 2 views per rank, {steps_per_epoch} steps/epoch, {total_steps} steps, "
               f"{warmup_steps} warmup, encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params "
               f"({encoder.feature_dim}-d), {views}", flush=True)
-        if start_epoch:
-            print(f"resumed from {ckpt_path} after epoch {start_epoch}", flush=True)
+        if args.resume:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {start_step + 1}", flush=True)
         if start_epoch >= args.epochs:
             print(f"nothing to do: the checkpoint has finished {start_epoch} of {args.epochs} epochs", flush=True)
 
+    stop = StopRequest()
+
+    def stop_and_exit(where):
+        if master:
+            cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+            print(f"stopped by {cause} {where}; saved {ckpt_path}. Run the same command with --resume "
+                  "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
+        if ctx.ddp:
+            dist.barrier()  # nobody exits before rank 0 has written the checkpoint
+        cleanup()
+        sys.exit(128 + (stop.signum or signal.SIGTERM))
     t_start, steps_done = time.time(), 0
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0  # a resumed epoch starts where it stopped
+        loader.sampler.set_epoch(epoch, skip=first * per_rank)
         model.train()
-        sums = torch.zeros(2, device=device)  # loss, contrast accuracy over this rank's steps
+        sums = torch.tensor(start_sums if first else [0.0, 0.0, 0.0], device=device)  # loss, accuracy, unreadable
         t_epoch = t_log = time.time()
-        for i, ((x1, x2), _) in enumerate(loader):
+        for i, ((x1, x2), _, unreadable) in enumerate(loader, start=first):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, peak_lr, warmup_steps, total_steps)
             for group in optimizer.param_groups:
@@ -266,31 +319,40 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             loss, accuracy = forward_backward(model, x, args.temperature, args.amp)
 
-            stats = all_mean(torch.stack([loss, accuracy]), ctx)
+            # One small all-reduce per step: mean loss and accuracy, unreadable images, and
+            # whether any process was asked to stop, so that all of them stop after this step.
+            stats = all_sum(torch.stack([loss, accuracy, unreadable.sum().to(device, torch.float32),
+                                         torch.tensor(float(stop.signum), device=device)]), ctx)
+            stats[:2] /= world
             if not math.isfinite(stats[0].item()):  # every rank sees the same value and stops together
                 fail(f"loss is {stats[0].item()} at step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}); "
                      f"weights are not updated and "
                      f"{ckpt_path} keeps the last good epoch. Likely causes: learning rate too high "
                      f"(peak {peak_lr:.3g}), temperature too low ({args.temperature}), or bad input data", code=3)
             optimizer.step()
-            sums += stats
+            sums += stats[:3]
             steps_done += 1
 
             if master and ((i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch):
                 now = time.time()
-                done_in_epoch = (i % args.log_every) + 1
+                done_in_epoch = min(i + 1 - first, (i % args.log_every) + 1)
                 ips = done_in_epoch * args.batch_size / max(now - t_log, 1e-9)
                 eta = (now - t_start) / steps_done * (total_steps - step - 1)
                 print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
                       f"acc {stats[1]:.3f} lr {lr:.4g} img/s {ips:.0f} "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
                 t_log = now
+            if stats[3] > 0 and i + 1 < steps_per_epoch:  # at an epoch's end, the epoch checkpoint below serves
+                if master:
+                    save(epoch, i + 1, sums.tolist())
+                stop_and_exit(f"after step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch})")
 
         epoch_time = time.time() - t_epoch
-        mean_loss, mean_acc = (sums / steps_per_epoch).tolist()
+        mean_loss, mean_acc, skipped = (sums[:2] / steps_per_epoch).tolist() + [int(sums[2].item())]
         record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
                   "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
-                  "images_per_s": round(steps_per_epoch * args.batch_size / epoch_time, 1)}
+                  "images_per_s": round((steps_per_epoch - first) * args.batch_size / epoch_time, 1),
+                  "unreadable_images": skipped}
         if knn_loaders and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             t_knn = time.time()
             encoder.eval()  # BN running statistics, as the evaluation scripts use
@@ -303,25 +365,26 @@ def main():
                 print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
                       f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
         if master:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "encoder_config": dict(encoder.config),
-                "model": unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "step": (epoch + 1) * steps_per_epoch,
-                "args": vars(args),
-            }
-            save_atomic(state, ckpt_path)
-            save_encoder(os.path.join(args.out, "encoder.pt"), encoder, dataset=args.dataset, data_dir=args.data_dir,
-                         image_size=args.image_size, epoch=epoch + 1, args=vars(args))
+            save(epoch + 1, 0, [0.0, 0.0, 0.0])
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}; "
-                  f"saved {ckpt_path}", flush=True)
+            print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
+                  f"{f'; skipped {skipped} unreadable images' if skipped else ''}; saved {ckpt_path}", flush=True)
+        # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
+        if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
+            stop_and_exit(f"after epoch {epoch + 1}")
 
     cleanup()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as e:  # raised in a data worker: its message, without the worker's traceback
+        fail(data.error_text(e))
+    except RuntimeError as e:
+        if not (dist.is_available() and dist.is_initialized() and peer_failure(e)):
+            raise
+        fail(f"another process of this run died or stopped answering ({' '.join(str(e).split())[:200]}); "
+             "the checkpoint in --out holds the last completed epoch. Find the first error above, fix it, "
+             "and run the same command with --resume", code=4, every_rank=True)

@@ -1,0 +1,258 @@
+"""Faults: preemption signals, exact resume mid-epoch, a kill during a save, bad images,
+bad data folders, truncated checkpoints, and a process of a DDP run dying."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY, run_script
+from model import read_checkpoint
+
+SCRIPT = os.path.join(ROOT, "pretrain.py")
+
+
+def start(args, cwd, torchrun=0):
+    """Start pretrain.py in its own process group (so signals reach its workers as a scheduler's would)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+                if torchrun else [sys.executable])
+    if torchrun:
+        env["OMP_NUM_THREADS"] = "1"
+    return subprocess.Popen(launcher + [SCRIPT, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_line(proc, text, timeout=120):
+    deadline = time.time() + timeout
+    seen = []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}; output:\n{''.join(seen)[-3000:]}\n{proc.stderr.read()[-3000:]}")
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, signum, code):
+    straight = run_script(["pretrain.py", *TINY, "--epochs", "3", "--out", "straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    flags = [*TINY, "--epochs", "3", "--log-every", "1", "--workers", "2", "--out", "stopped"]
+    proc = start(flags, tmp_path)
+    wait_for_line(proc, "epoch 2/3 step 1/4")
+    os.killpg(proc.pid, signum)  # the whole group: training process and data workers
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    assert f"stopped by {signal.Signals(signum).name} after step" in err and "--resume" in err
+    assert "Traceback" not in err
+    ckpt = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["step_in_epoch"] < 4  # stopped in the middle of epoch 2
+    assert ckpt["step"] == 4 + ckpt["step_in_epoch"] and len(ckpt["epoch_sums"]) == 3
+    assert set(ckpt["rng"]) >= {"torch", "python"}
+    resumed = run_script(["pretrain.py", *flags, "--resume"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at epoch 2, step {ckpt['step_in_epoch'] + 1}" in resumed.stdout
+    a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "stopped" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same steps, same views, same order
+    log = [json.loads(line) for line in (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()]
+    straight_log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[1]["loss"] == pytest.approx(straight_log[1]["loss"])  # the stopped epoch's record is whole
+
+
+def test_torchrun_forwards_sigterm_and_the_resumed_ddp_run_is_exact(tmp_path):
+    """A container runtime signals only the launcher; torchrun forwards SIGTERM to every process,
+    which all stop after the same step."""
+    flags = [*TINY, "--epochs", "3", "--log-every", "1"]
+    straight = run_script(["pretrain.py", *flags, "--out", "straight"], tmp_path, torchrun=2)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    proc = start([*flags, "--out", "stopped"], tmp_path, torchrun=2)
+    wait_for_line(proc, "epoch 2/3 step 1/4")
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher only
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by SIGTERM after step" in err, err[-3000:]
+    assert "rank 0 received SIGTERM" in err and "rank 1 received SIGTERM" in err
+    assert torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)["step_in_epoch"] > 0
+    resumed = run_script(["pretrain.py", *flags, "--out", "stopped", "--resume"], tmp_path, torchrun=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "stopped" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_resume_starts_then_continues(run, tmp_path):
+    first = run("pretrain.py", *TINY, "--epochs", "1", "--out", "job", "--auto-resume")
+    assert "resumed from" not in first.stdout
+    second = run("pretrain.py", *TINY, "--epochs", "2", "--out", "job", "--auto-resume")
+    assert "resumed from job/ckpt.pt at epoch 2, step 1" in second.stdout
+    assert torch.load(tmp_path / "job" / "ckpt.pt", weights_only=True)["epoch"] == 2
+
+
+SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from model import read_checkpoint, save_atomic
+path = sys.argv[1]
+ckpt = read_checkpoint(path)
+ckpt["padding"] = torch.ones(256 * 1024 * 1024)  # 1 GiB: the save takes long enough to be killed in it
+print("saving", flush=True)
+save_atomic(ckpt, path)
+print("saved", flush=True)
+"""
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "run")
+    path = tmp_path / "run" / "ckpt.pt"
+    before = path.read_bytes()
+    saver = subprocess.Popen([sys.executable, "-c", SAVER.format(root=ROOT), str(path)], stdout=subprocess.PIPE,
+                             text=True)
+    assert saver.stdout.readline().strip() == "saving"
+    deadline = time.time() + 30
+    while not list((tmp_path / "run").glob("ckpt.pt.tmp.*")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    saver.kill()  # SIGKILL: no cleanup runs
+    saver.wait()
+    leftovers = list((tmp_path / "run").glob("ckpt.pt.tmp.*"))
+    assert leftovers, "the kill did not land during the save"
+    assert path.read_bytes() == before  # the previous checkpoint, untouched
+    read_checkpoint(path)
+    result = run("pretrain.py", *TINY, "--epochs", "2", "--out", "run", "--resume")
+    assert "resumed from" in result.stdout
+    assert not list((tmp_path / "run").glob("*.tmp.*"))  # the stale partial file was removed
+
+
+def test_eval_scripts_refuse_a_truncated_checkpoint(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "run")
+    data = (tmp_path / "run" / "encoder.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    for script in ("linear_eval.py", "finetune.py"):
+        result = run(script, "cut.pt", check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert f"{script}: error: cannot read checkpoint cut.pt" in result.stderr and "truncated" in result.stderr
+
+
+def image_folder(root, n_per_class=20, bad=()):
+    """A small ImageNet-style folder; `bad` names files to write corrupt: {name: bytes}."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n_per_class):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+                (root / split / c / f"{c}{i}.JPEG").write_bytes(buf.getvalue())
+    for name, content in dict(bad).items():
+        (root / "train" / "a" / name).write_bytes(content)
+
+
+def corrupt_files(tmp_path):
+    good = (tmp_path / "data" / "train" / "a" / "a0.JPEG").read_bytes()
+    return {"garbage.JPEG": b"this is not an image", "truncated.JPEG": good[: len(good) // 2], "empty.JPEG": b""}
+
+
+FOLDER = ["--dataset", "imagefolder", "--data-dir", "data", "--image-size", "32", "--arch", "resnet18",
+          "--width", "0.25", "--batch-size", "16", "--warmup-epochs", "1", "--log-every", "100"]
+
+
+def test_unreadable_images_are_skipped_and_counted(run, tmp_path):
+    image_folder(tmp_path / "data", n_per_class=6)
+    bad = corrupt_files(tmp_path)
+    for name, content in bad.items():
+        (tmp_path / "data" / "train" / "a" / name).write_bytes(content)
+    # 12 good + 3 bad images, one batch of 15: every file is visited in every epoch
+    result = run("pretrain.py", *FOLDER, "--epochs", "2", "--workers", "2", "--batch-size", "15", "--out", "run")
+    for name in bad:
+        assert f"warning: skipping unreadable image data/train/a/{name} (" in result.stderr, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["unreadable_images"] for r in records] == [3, 3]
+    assert "skipped 3 unreadable images; saved" in result.stdout
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_strict_data_stops_at_an_unreadable_image(run, tmp_path, workers):
+    image_folder(tmp_path / "data", n_per_class=10)
+    for name, content in corrupt_files(tmp_path).items():
+        (tmp_path / "data" / "train" / "a" / name).write_bytes(content)
+    result = run("pretrain.py", *FOLDER, "--epochs", "1", "--workers", workers, "--strict-data", "--out", "run",
+                 "--batch-size", "8", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error:")]
+    assert len(errors) == 1 and "cannot read" in errors[0] and ".JPEG" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("layout,text", [
+    ("empty", "Couldn't find any class folder"),
+    ("flat", "Couldn't find any class folder"),
+    ("no_images", "Found no valid file"),
+])
+def test_bad_data_folders_are_one_line_before_training(run, tmp_path, layout, text):
+    train = tmp_path / "data" / "train"
+    train.mkdir(parents=True)
+    if layout == "flat":  # images without class folders
+        Image.new("RGB", (8, 8)).save(train / "x.JPEG")
+    if layout == "no_images":
+        (train / "cls").mkdir()
+        (train / "cls" / "notes.txt").write_text("no images here")
+    result = run("pretrain.py", *FOLDER, "--epochs", "1", "--out", "run", check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain.py: error:")]
+    assert result.returncode != 0 and len(errors) == 1 and text in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env.get(b"RANK", b"-1"))
+
+
+def test_when_one_process_dies_the_others_exit_in_bounded_time(tmp_path):
+    flags = [*TINY, "--synthetic-size", "256", "--epochs", "50", "--log-every", "1", "--out", "run",
+             "--dist-timeout", "1"]
+    proc = start(flags, tmp_path, torchrun=2)
+    wait_for_line(proc, "epoch 2/50 step 2/")  # epoch 1's checkpoint exists
+    trainers = children(proc.pid)
+    victim = next(pid for pid in trainers if rank_of(pid) == 1)
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the surviving process did not exit within 90 s")
+    elapsed = time.time() - killed_at
+    assert proc.returncode != 0
+    assert elapsed < 90
+    assert all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+               for pid in trainers)
+    assert read_checkpoint(tmp_path / "run" / "ckpt.pt")["epoch"] >= 1  # the last checkpoint is intact
+    print(f"all processes gone {elapsed:.1f} s after rank 1 was killed")
