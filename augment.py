@@ -10,7 +10,8 @@ wherever the images live:
   distort     per batch, float (B, 3, size, size) in [0, 1], any device: colour
               jitter (p=0.8, the four operations in a random order per image),
               grayscale (p=0.2), Gaussian blur (p=0.5), each image drawing its
-              own parameters.
+              own parameters (sample_distortion, on the CPU), then applied
+              where the batch lives (apply_distortion).
 
     views = SimCLRViews(224)            # CIFAR: SimCLRViews(32, strength=0.5, blur=False)
     x1, x2 = views(pil_image)           # two float (3, 224, 224) tensors in [0, 1]

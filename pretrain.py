@@ -9,9 +9,9 @@ weight decay 1e-6). For CIFAR and any image size <= 32 px, unset flags take the
 paper's CIFAR recipe instead: CIFAR stem, colour strength 0.5, no blur,
 temperature 0.5. The resolved settings are printed at start.
 
-Writes to --out at the end of every epoch: ckpt.pt (full state for --resume),
-encoder.pt (encoder only, read by linear_eval.py and finetune.py) and one JSON
-line in log.jsonl. With --knn-every K (default 10; off for imagefolder) the
+Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
+run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
+by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl. With --knn-every K (default 10; off for imagefolder) the
 encoder's weighted kNN accuracy on the labelled split is logged every K epochs.
 """
 import argparse
@@ -104,7 +104,7 @@ def get_args(argv=None):
     r.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
     args = p.parse_args(argv)
 
-    # The CIFAR recipe (PAPER.md) for CIFAR and small images, where a flag was not given.
+    # The paper's CIFAR recipe (Appendix B.9, official README) for CIFAR and small images, unless set.
     if args.image_size is None:
         args.image_size = data.NATIVE_SIZE[args.dataset]
     cifar = args.dataset in ("cifar10", "cifar100") or args.image_size <= 32
