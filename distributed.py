@@ -64,6 +64,21 @@ def fail(message, code=2, every_rank=False):
     sys.exit(code)
 
 
+def run(main, errors, describe=str, peer_hint="find the first error above"):
+    """Run a script's main(): an exception of the types in `errors`, raised anywhere (data
+    workers included), ends it with one line, `describe(e)`; so does a collective failing
+    because another process died or stopped answering, on every rank, with `peer_hint`."""
+    try:
+        main()
+    except errors as e:
+        fail(describe(e))
+    except RuntimeError as e:
+        if not (dist.is_available() and dist.is_initialized() and peer_failure(e)):
+            raise
+        fail(f"another process of this run died or stopped answering ({' '.join(str(e).split())[:200]}); "
+             f"{peer_hint}", code=4, every_rank=True)
+
+
 def peer_failure(e):
     """Whether an error comes from a collective whose peer process died or stopped answering."""
     text = str(e)

@@ -34,7 +34,7 @@ from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
-from distributed import all_sum, cleanup, fail, rank0_first, setup
+from distributed import all_sum, cleanup, fail, rank0_first, run, setup
 from features import extract_features, topk_accuracy
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
 
@@ -73,16 +73,10 @@ def get_args(argv=None):
 
 def main():
     args = get_args()
-    try:
-        encoder, ckpt = load_encoder(args.checkpoint)
-    except CheckpointError as e:
-        fail(str(e))
+    encoder, ckpt = load_encoder(args.checkpoint)
     settings = pretrain_settings(ckpt)
-    try:
-        args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
-            settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
-    except data.DataError as e:
-        fail(f"{args.checkpoint}: {e}")
+    args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
+        settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     args.epochs = args.epochs or (60 if args.label_fraction <= 0.01 else 30)
     args.batch_size = args.batch_size or (4096 if args.dataset == "imagefolder" else 256)
     if args.workers is None:
@@ -206,7 +200,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:  # raised in a data worker: its message, without the worker's traceback
-        fail(data.error_text(e))
+    run(main, (data.DataError, CheckpointError), data.error_text)

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
-from distributed import all_sum, cleanup, fail, rank0_first, setup
+from distributed import all_sum, cleanup, fail, rank0_first, run, setup
 from features import extract_features, knn_accuracy, topk_accuracy
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
 
@@ -74,11 +74,8 @@ def get_args(argv=None):
 
 def resolve(args, settings):
     """Fill the defaults that depend on the checkpoint and the dataset."""
-    try:
-        args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
-            settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
-    except data.DataError as e:
-        fail(f"{args.checkpoint}: {e}")
+    args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
+        settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     imagenet = args.dataset == "imagefolder"
     args.epochs = args.epochs or (90 if imagenet else 100)
     args.batch_size = args.batch_size or (4096 if imagenet else 512)
@@ -107,10 +104,7 @@ def write_json(results, path):
 
 def main():
     args = get_args()
-    try:
-        encoder, ckpt = load_encoder(args.checkpoint)
-    except CheckpointError as e:
-        fail(str(e))
+    encoder, ckpt = load_encoder(args.checkpoint)
     settings = pretrain_settings(ckpt)
     args = resolve(args, settings)
     ctx = setup(args.batch_size)
@@ -243,7 +237,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:  # raised in a data worker: its message, without the worker's traceback
-        fail(data.error_text(e))
+    run(main, (data.DataError, CheckpointError), data.error_text)

@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform, SimCLRViews, distort
-from distributed import (StopRequest, all_sum, cleanup, fail, peer_failure, rank0_first, restore_rng_states,
-                         rng_states, setup)
+from distributed import (StopRequest, all_sum, cleanup, fail, rank0_first, restore_rng_states, rng_states, run,
+                         setup)
 from features import extract_features, knn_accuracy
 from lars import LARS
 from loss import contrast_accuracy, contrastive_logits
@@ -220,10 +220,7 @@ def main():
                      weight_decay=args.weight_decay, eta=args.eta)
     start_epoch, start_step, start_sums = 0, 0, [0.0, 0.0, 0.0]
     if args.resume:
-        try:
-            ckpt = read_checkpoint(ckpt_path)
-        except CheckpointError as e:
-            fail(str(e))
+        ckpt = read_checkpoint(ckpt_path)
         if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
             fail(f"{ckpt_path} holds a {ckpt.get('encoder_config')} model, not the {encoder.config} "
                  "these flags ask for; resume with the original flags")
@@ -378,13 +375,6 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:  # raised in a data worker: its message, without the worker's traceback
-        fail(data.error_text(e))
-    except RuntimeError as e:
-        if not (dist.is_available() and dist.is_initialized() and peer_failure(e)):
-            raise
-        fail(f"another process of this run died or stopped answering ({' '.join(str(e).split())[:200]}); "
-             "the checkpoint in --out holds the last completed epoch. Find the first error above, fix it, "
-             "and run the same command with --resume", code=4, every_rank=True)
+    run(main, (data.DataError, CheckpointError), data.error_text,
+        peer_hint="the checkpoint in --out holds the last completed epoch; find the first error above, fix it, "
+                  "and run the same command with --resume")
