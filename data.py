@@ -13,6 +13,7 @@ counted (or, strict, an error).
 import atexit
 import itertools
 import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook before ours
 import os
 import signal
 import sys
@@ -124,7 +125,7 @@ class SyntheticImages(Dataset):
 
 # ----------------------------------------------------------------------------
 
-def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512, download=True):
+def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
     """(PIL image, label) pairs. split: 'pretrain' (STL-10: train+unlabeled), 'train', or 'test'.
     image_size and synthetic_size only concern the synthetic set."""
     if name not in DATASETS:
@@ -149,8 +150,6 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512, down
         return make(False)
     except RuntimeError:
         pass  # not there yet
-    if not download:
-        raise DataError(_missing_message(name, data_dir, "it is not there"))
     try:
         return make(True)
     except Exception as e:  # no network, proxy, disk full, corrupt archive...
@@ -309,9 +308,6 @@ def _worker_init(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-_AT_EXIT = []
-
-
 def _kill_leftover_workers():
     # At exit, multiprocessing terminates daemonic children with SIGTERM and waits for them;
     # workers that ignore SIGTERM would make it wait forever. A normal exit has already shut
@@ -321,6 +317,9 @@ def _kill_leftover_workers():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would report them as failures
         for child in leftover:
             child.kill()
+
+
+atexit.register(_kill_leftover_workers)  # after multiprocessing.util's exit hook (imported above): runs first
 
 
 def default_workers():
@@ -337,9 +336,6 @@ def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pi
     ranks DistributedSampler pads the last batch by repeating a few samples.
     """
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
-    if workers and _kill_leftover_workers not in _AT_EXIT:  # registered after multiprocessing's: runs before it
-        atexit.register(_kill_leftover_workers)
-        _AT_EXIT.append(_kill_leftover_workers)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler), num_workers=workers,
                       pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
                       worker_init_fn=_worker_init)

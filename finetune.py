@@ -36,6 +36,7 @@ import data
 from augment import EvalTransform
 from distributed import all_sum, cleanup, fail, rank0_first, run, setup
 from features import extract_features, topk_accuracy
+from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
 
 
@@ -152,7 +153,7 @@ def main():
         t_epoch = time.time()
         for i, (x, y, _) in enumerate(train_loader):
             step = epoch * steps_per_epoch + i
-            lr = peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+            lr = warmup_cosine(step, total_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -14,7 +14,10 @@ excludes 'bias' and 'batch_normalization' variables. A parameter group can
 override this with its own "exclude_1d", "weight_decay" or "trust_ratio" keys.
 
     optimizer = LARS(model.parameters(), lr=4.8, weight_decay=1e-6)
+    lr = warmup_cosine(step, total_steps, peak_lr=4.8, warmup_steps=10 * steps_per_epoch)
 """
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -66,3 +69,12 @@ class LARS(Optimizer):
                 v.mul_(group["momentum"]).add_(g * scale)
                 p.sub_(v)
         return loss
+
+
+def warmup_cosine(step, total_steps, peak_lr, warmup_steps=0):
+    """The paper's schedule, per step: linear warmup from 0 over warmup_steps, then cosine
+    decay to 0 at total_steps (official code). warmup_steps=0: plain cosine decay."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))

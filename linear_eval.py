@@ -38,6 +38,7 @@ import data
 from augment import EvalTransform
 from distributed import all_sum, cleanup, fail, rank0_first, run, setup
 from features import extract_features, knn_accuracy, topk_accuracy
+from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
 
 
@@ -89,10 +90,6 @@ def resolve(args, settings):
         tags = "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else "")
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
     return args
-
-
-def cosine_lr(step, total_steps, peak_lr):
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
 
 
 def write_json(results, path):
@@ -195,7 +192,7 @@ def main():
         t_epoch = time.time()
         sums = torch.zeros(3, device=device)  # loss sum, correct, count
         for i, (h, y) in enumerate(batches(epoch)):
-            lr = cosine_lr(epoch * steps_per_epoch + i, total_steps, peak_lr)
+            lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits = model(h.float())

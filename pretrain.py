@@ -34,7 +34,7 @@ from augment import EvalTransform, SimCLRViews, distort
 from distributed import (StopRequest, all_sum, cleanup, fail, rank0_first, restore_rng_states, rng_states, run,
                          setup)
 from features import extract_features, knn_accuracy
-from lars import LARS
+from lars import LARS, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
 from model import (CHECKPOINT_FORMAT, ARCHS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
                    read_checkpoint, save_atomic, save_encoder, unwrap)
@@ -130,14 +130,6 @@ def get_args(argv=None):
     if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
         p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
     return args
-
-
-def lr_at(step, peak_lr, warmup_steps, total_steps):
-    """Linear warmup from 0 over warmup_steps, then cosine decay to 0 (official, per step)."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def to_device_views(x1, x2, args, device, generator, seed):
@@ -308,7 +300,7 @@ def main():
         t_epoch = t_log = time.time()
         for i, ((x1, x2), _, unreadable) in enumerate(loader, start=first):
             step = epoch * steps_per_epoch + i
-            lr = lr_at(step, peak_lr, warmup_steps, total_steps)
+            lr = warmup_cosine(step, total_steps, peak_lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = to_device_views(x1, x2, args, device, generator,

@@ -118,3 +118,13 @@ def test_state_dict_round_trip_continues_identically():
 def test_rejects_bad_settings():
     with pytest.raises(ValueError):
         LARS([torch.nn.Parameter(torch.ones(2))], lr=-1.0)
+
+
+def test_warmup_cosine_schedule():
+    from lars import warmup_cosine
+    assert warmup_cosine(0, 100, 4.8, warmup_steps=10) == 0.0  # from 0, as the official code
+    assert warmup_cosine(5, 100, 4.8, warmup_steps=10) == pytest.approx(2.4)
+    assert warmup_cosine(10, 100, 4.8, warmup_steps=10) == pytest.approx(4.8)
+    assert warmup_cosine(55, 100, 4.8, warmup_steps=10) == pytest.approx(2.4)  # halfway down the cosine
+    assert warmup_cosine(100, 100, 4.8, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(25, 100, 1.0) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))  # no warmup
