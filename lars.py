@@ -41,34 +41,103 @@ class LARS(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, update=None):
+        """One LARS update of every parameter with a gradient.
+
+        update: optional 0-d bool tensor on the parameters' device. Where it holds False
+        the weights and momentum buffers stay exactly as they are: a training loop can
+        skip a step with a non-finite loss without the host waiting for the device.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                g = p.grad
-                adapt = not (group["exclude_1d"] and p.ndim <= 1)
-                if adapt and group["weight_decay"] != 0:
-                    g = g.add(p, alpha=group["weight_decay"])
-                scale = group["lr"]
-                if adapt and group["trust_ratio"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                        group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                    scale = trust * group["lr"]  # a 0-d tensor: no host sync
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(g * scale)
-                p.sub_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            if params:
+                _update = _update_foreach if _same_device(params) else _update_loop
+                _update(params, [self._momentum_buffer(p) for p in params], group, update)
         return loss
+
+    def _momentum_buffer(self, p):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
+
+def _same_device(params):
+    return len({(p.device, p.dtype) for p in params}) == 1
+
+
+def _adapted(p, group):
+    """Whether p gets weight decay and the trust ratio (biases and BN parameters do not)."""
+    return not (group["exclude_1d"] and p.ndim <= 1)
+
+
+def _gradients(params, update):
+    """The gradients; those of a skipped step read as 0, so that NaN cannot leak into
+    the buffers (NaN * 0 is NaN, a select is not)."""
+    if update is None:
+        return [p.grad for p in params]
+    return [torch.where(update, p.grad, 0.0) for p in params]
+
+
+def _rates(group, update, dtype):
+    """(lr, momentum, keep): the group's numbers, or on a skipped step (update False)
+    0-d tensors that make it v = 1 * v + 0 and w = w - 0 * v, decided on the device."""
+    if update is None:
+        return group["lr"], group["momentum"], None
+    keep = update.to(dtype)
+    return keep * group["lr"], torch.where(update, group["momentum"], 1.0).to(dtype), keep
+
+
+def _update_foreach(params, buffers, group, update):
+    """The update of the module docstring for all tensors at once, with torch's
+    multi-tensor (_foreach) kernels: the same operations in the same order as
+    _update_loop, so the same numbers, in a handful of launches instead of ~10 per tensor."""
+    lr, momentum, keep = _rates(group, update, params[0].dtype)
+    wd = group["weight_decay"]
+    grads = _gradients(params, update)
+    adapted = [i for i, p in enumerate(params) if _adapted(p, group)]
+    plain = [i for i, p in enumerate(params) if not _adapted(p, group)]
+    steps = [None] * len(params)  # lr * trust * g, per tensor
+    if adapted:
+        ps, gs = [params[i] for i in adapted], [grads[i] for i in adapted]
+        if wd != 0:
+            gs = torch._foreach_add(gs, ps, alpha=wd)
+        if group["trust_ratio"]:
+            w_norm, g_norm = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(gs))
+            trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+            scaled = torch._foreach_mul(gs, list((trust * lr).unbind()))  # per-tensor 0-d factors: no host sync
+        else:
+            scaled = torch._foreach_mul(gs, lr)
+        for i, s in zip(adapted, scaled):
+            steps[i] = s
+    if plain:
+        for i, s in zip(plain, torch._foreach_mul([grads[i] for i in plain], lr)):
+            steps[i] = s
+    torch._foreach_mul_(buffers, momentum)
+    torch._foreach_add_(buffers, steps)
+    torch._foreach_sub_(params, buffers if keep is None else torch._foreach_mul(buffers, keep))
+
+
+def _update_loop(params, buffers, group, update):
+    """The same update, one tensor at a time (parameters spread over devices or dtypes)."""
+    for p, v, g in zip(params, buffers, _gradients(params, update)):
+        lr, momentum, keep = _rates(group, update, p.dtype)
+        adapt = _adapted(p, group)
+        if adapt and group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        scale = lr
+        if adapt and group["trust_ratio"]:
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+            scale = trust * lr  # a 0-d tensor: no host sync
+        v.mul_(momentum).add_(g * scale)
+        p.sub_(v if keep is None else v * keep)
 
 
 def warmup_cosine(step, total_steps, peak_lr, warmup_steps=0):

@@ -128,3 +128,52 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(55, 100, 4.8, warmup_steps=10) == pytest.approx(2.4)  # halfway down the cosine
     assert warmup_cosine(100, 100, 4.8, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(25, 100, 1.0) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))  # no warmup
+
+
+def _model_and_grads(seed):
+    """A small conv net (4-D, 2-D and 1-D tensors, one channels_last) with random gradients."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    model[0].to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+def test_multi_tensor_update_equals_the_loop_bitwise():
+    from lars import _update_foreach, _update_loop
+    fast, slow = _model_and_grads(0), _model_and_grads(0)
+    opts = [LARS(m.parameters(), lr=0.7, weight_decay=0.01, eta=0.02) for m in (fast, slow)]
+    for step, lr in enumerate([0.5, 2.0, 0.1]):
+        for m, opt, update in ((fast, opts[0], _update_foreach), (slow, opts[1], _update_loop)):
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel()))
+            group = opt.param_groups[0]
+            group["lr"] = lr
+            params = list(m.parameters())
+            with torch.no_grad():
+                update(params, [opt._momentum_buffer(p) for p in params], group, None)
+        for a, b in zip(fast.parameters(), slow.parameters()):
+            assert torch.equal(a, b)
+    assert all(torch.equal(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"])
+               for a, b in zip(fast.parameters(), slow.parameters()))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_a_skipped_step_changes_nothing_even_with_nan_gradients(monkeypatch, foreach):
+    import lars
+    if not foreach:
+        monkeypatch.setattr(lars, "_same_device", lambda params: False)
+    model, twin = _model_and_grads(1), _model_and_grads(1)
+    opt, twin_opt = LARS(model.parameters(), lr=0.5), LARS(twin.parameters(), lr=0.5)
+    opt.step(update=torch.tensor(True))  # as update=None, bitwise
+    twin_opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b) and torch.equal(opt.state[a]["momentum_buffer"], twin_opt.state[b]["momentum_buffer"])
+    before = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step(update=torch.tensor(False))
+    for p, (w, v) in zip(model.parameters(), before):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], v)
