@@ -19,6 +19,10 @@ a noisy machine):
   loss   time and peak memory of forward + backward of nt_xent (ours, O(N^2) memory)
          and of the broadcast form several ports use (cosine similarity of
          (2N, 1, d) against (1, 2N, d): O(N^2 d)), at several 2N with d = 128.
+  memory activation memory of one forward + backward of SimCLR (ResNet-50, 128 views
+         of 96 px on CPU; 224 px and 256 / 512 images per GPU on CUDA, bf16), without and
+         with activation checkpointing, and the step time of each: on CPU the peak RSS
+         growth of a fresh process, on CUDA the allocator's peak above the model.
   epoch  seconds for one epoch of ResNet-18 (CIFAR stem) on generated 32 px images
          (50,000 on CUDA), the full pretrain.py data path.
 """
@@ -43,13 +47,14 @@ from augment import SimCLRViews
 from lars import LARS
 from loss import nt_xent
 from model import ProjectionHead, SimCLR, build_encoder
-from pretrain import forward_backward, to_device_views
+from distributed import Context
+from pretrain import forward_backward, to_device_views, train_step
 
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default="views,step,loss,epoch", help="comma-separated sections")
+    p.add_argument("--only", default="views,step,loss,memory,epoch", help="comma-separated sections")
     p.add_argument("--arch", default=None, help="step section; default resnet50 on CUDA, resnet18 on CPU")
     p.add_argument("--image-size", type=int, default=None, help="step section; default 224 on CUDA, 64 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="images per step; default 256 on CUDA, 32 on CPU")
@@ -149,6 +154,8 @@ def bench_step(args):
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
     settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=cuda)
     generator = torch.Generator()  # distortion parameters are drawn on the CPU
+    ctx = Context(ddp=False, rank=0, world=1, local_rank=0, device=device)
+    nonfinite = torch.tensor([-1.0, 0.0], device=device)
 
     def sync():
         if cuda:
@@ -162,9 +169,7 @@ def bench_step(args):
                 sync()
                 t, n = time.perf_counter(), 0
             x = to_device_views(x1, x2, settings, device, generator, seed=i)
-            optimizer.zero_grad(set_to_none=True)
-            forward_backward(model, x, 0.1, amp=cuda)
-            optimizer.step()
+            train_step(model, optimizer, x, 0.1, cuda, ctx, nonfinite, step=i)  # pretrain.py's step
             n += x1.shape[0]
             if i == args.steps + 2:
                 break
@@ -268,6 +273,80 @@ def bench_loss(args):
     return {"loss": rows}
 
 
+def activation_memory(arch, width, views, size, checkpointing, device="cpu"):
+    """Forward + backward of SimCLR on `views` random images -> (seconds, peak bytes above
+    the model, its gradients and the input). On CPU run it in a fresh process with
+    MALLOC_MMAP_THRESHOLD_ set (see bench_loss) so that peak RSS counts live tensors."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    encoder = build_encoder(arch, width, activation_checkpointing=checkpointing)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    x = torch.rand(views, 3, size, size, device=device)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def step(batch):
+        return forward_backward(model, batch, 0.1, amp=cuda)
+
+    step(x[:4])  # warm-up: one-time allocations (threads, workspaces) stay out of the peak
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    step(x)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return time.perf_counter() - t, peak
+
+
+def activation_memory_in_fresh_process(arch, width, views, size, checkpointing):
+    code = (f"import bench; s, p = bench.activation_memory({arch!r}, {width}, {views}, {size}, {checkpointing}); "
+            "print(s, p)")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    seconds, peak = (float(v) for v in out.stdout.split())
+    return seconds, peak
+
+
+def bench_memory(args):
+    cuda = args.device.startswith("cuda")
+    cases = [(128, 224), (256, 224), (512, 224)] if cuda else [(64, 96)]  # (images, px): 2 views each
+    print(f"\n[memory] resnet50, one forward + backward, {args.device}"
+          f"{' bf16 autocast, channels_last; CUDA allocator peak above the model' if cuda else '; peak RSS growth of a fresh process'}")
+    rows = []
+    for images, size in cases:
+        row = {"images": images, "views": 2 * images, "size": size}
+        for checkpointing in (False, True):
+            try:
+                if cuda:
+                    seconds, peak = activation_memory("resnet50", 1, 2 * images, size, checkpointing, args.device)
+                else:
+                    seconds, peak = activation_memory_in_fresh_process("resnet50", 1, 2 * images, size, checkpointing)
+            except (RuntimeError, subprocess.CalledProcessError) as e:  # out of memory: a result too
+                row["checkpointing" if checkpointing else "plain"] = {"error": str(e).splitlines()[0][:120]}
+                print(f"  {images} images x 2 views, {size} px, checkpointing {checkpointing}: failed ({e})")
+                continue
+            row["checkpointing" if checkpointing else "plain"] = {"seconds": seconds, "peak_bytes": peak}
+            print(f"  {images} images x 2 views, {size} px, checkpointing {str(checkpointing):5s}: "
+                  f"peak {peak / 2**30:7.2f} GiB   {seconds * 1000:9.1f} ms")
+        if "peak_bytes" in row.get("plain", {}) and "peak_bytes" in row.get("checkpointing", {}):
+            mem = row["plain"]["peak_bytes"] / row["checkpointing"]["peak_bytes"]
+            slow = row["checkpointing"]["seconds"] / row["plain"]["seconds"]
+            print(f"  -> checkpointing: {mem:.2f}x less activation memory, {slow:.2f}x the time")
+        rows.append(row)
+    return {"memory": rows}
+
+
 def bench_epoch(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -309,7 +388,8 @@ def main():
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
           f"{os.cpu_count()} CPUs")
     results = {"args": vars(args)}
-    sections = {"views": bench_views, "step": bench_step, "loss": bench_loss, "epoch": bench_epoch}
+    sections = {"views": bench_views, "step": bench_step, "loss": bench_loss, "memory": bench_memory,
+                "epoch": bench_epoch}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"bench.py: error: unknown section {name!r}; choose from {', '.join(sections)}")

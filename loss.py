@@ -71,10 +71,11 @@ def contrastive_logits(z1, z2, temperature=0.1):
         candidates = gather_with_grad(anchors)                     # (2N, d)
         logits = (anchors / temperature) @ candidates.T            # (2n, d) @ (d, 2N) -> (2n, 2N)
     k = torch.arange(two_n, device=z1.device)
-    own = rank * two_n + k                          # anchor k's own column: not a candidate
     targets = rank * two_n + (k + two_n // 2) % two_n  # the other view of the same image
-    # In place: the product is not needed for its backward, so no (2n, 2N) copy is made.
-    logits.index_put_((k, own), torch.tensor(float("-inf"), device=z1.device))
+    # Anchor k's own column, rank * 2n + k, is not a candidate: those entries form the diagonal
+    # at offset rank * 2n. Filled in place (the product is not needed for its backward, so no
+    # (2n, 2N) copy is made) with a scalar (no host-to-device copy, which the host would wait for).
+    logits.diagonal(offset=rank * two_n).fill_(float("-inf"))
     return logits, targets
 
 

@@ -11,11 +11,18 @@ h = f(x) is the representation; z = g(h) only feeds the contrastive loss.
     encoder = build_encoder("resnet50", width=1)         # (B, 3, H, W) -> (B, 2048)
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim))
     h, z = model(images)
+
+With activation_checkpointing=True the encoder keeps only the input of the stem and
+of each residual block through the backward pass and recomputes the rest there: the
+same loss, gradients and BatchNorm statistics, in less memory, for about one more
+forward pass of compute.
 """
 import os
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_FORMAT = "simclr-encoder"  # marks files written by save_encoder / pretrain.py
 
@@ -83,8 +90,9 @@ ARCHS = {  # block type and blocks per stage
 class ResNet(nn.Module):
     """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
 
-    def __init__(self, block, layers, width=1, cifar_stem=False):
+    def __init__(self, block, layers, width=1, cifar_stem=False, activation_checkpointing=False):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing  # a run-time choice, not saved in config
         planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
         if cifar_stem:  # 32 px images: keep the resolution (official: image_size <= 32)
             self.conv1 = _conv(3, planes[0], 3)
@@ -116,24 +124,67 @@ class ResNet(nn.Module):
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
+    def stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self._maybe_checkpoint(self.stem, self.bn1, x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = self._maybe_checkpoint(block, block, x)
         return torch.flatten(self.avgpool(x), 1)
 
+    def _maybe_checkpoint(self, fn, owner, x):
+        """fn(x); with activation checkpointing, only x is kept for the backward pass,
+        which runs fn a second time. `owner` holds fn's BatchNorm layers."""
+        if not (self.activation_checkpointing and torch.is_grad_enabled()):
+            return fn(x)
+        # The recomputation normalises with the batch statistics again (the same numbers),
+        # but must not move the running statistics a second time. With SyncBatchNorm it
+        # all-gathers the statistics again, inside the backward pass: every rank recomputes
+        # the same blocks in the same order, so the collectives stay matched across ranks.
+        return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=False,  # no randomness inside
+                          context_fn=lambda: (nullcontext(), frozen_running_stats(owner)))
 
-def build_encoder(arch="resnet50", width=1, cifar_stem=False):
+
+@contextmanager
+def frozen_running_stats(module):
+    """BatchNorm layers in `module` (SyncBatchNorm too) normalise as usual, but their
+    running_mean, running_var and num_batches_tracked come out untouched: for the time
+    being they update scratch copies. (Not passing the buffers at all would change what
+    the layer saves for its backward pass, which checkpoint matches by position.)"""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = [{n: getattr(m, n) for n in names} for m in layers]
+    for m, buffers in zip(layers, kept):
+        for n, b in buffers.items():
+            setattr(m, n, None if b is None else b.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(layers, kept):
+            for n, b in buffers.items():
+                setattr(m, n, b)
+
+
+def build_encoder(arch="resnet50", width=1, cifar_stem=False, activation_checkpointing=False):
     """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
 
-    The returned module has `feature_dim` and `config` (the arguments, used by
-    save_encoder so a checkpoint can rebuild it).
+    activation_checkpointing: recompute the activations inside the stem and each residual
+    block in the backward pass instead of storing them (exact: same gradients and BN
+    statistics; less memory, about one extra forward pass of time). It can be switched
+    later through `encoder.activation_checkpointing` and is not part of `config`.
+
+    The returned module has `feature_dim` and `config` (the arguments that fix the
+    weights, used by save_encoder so a checkpoint can rebuild it).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
     block, layers = ARCHS[arch]
-    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem)
+    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem,
+                     activation_checkpointing=activation_checkpointing)
     encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
     return encoder
 

@@ -13,6 +13,9 @@ Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
 run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
 by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl. With --knn-every K (default 10; off for imagefolder) the
 encoder's weighted kNN accuracy on the labelled split is logged every K epochs.
+
+Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 another process died,
+5 out of memory, 128 + N stopped by signal N (saved; resume with --resume).
 """
 import argparse
 import datetime
@@ -22,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -96,7 +100,14 @@ def get_args(argv=None):
                         "flip into uint8, and each batch is distorted on the GPU; workers: the whole view is made "
                         "in the data workers. Default: device on CUDA, workers on CPU")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (the loss stays eager, in float32)")
-    r.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    r.add_argument("--activation-checkpointing", action="store_true",
+                   help="keep only the input of the stem and of each residual block for the backward pass and "
+                        "recompute the rest there: exact (same loss, gradients, BN statistics), about 2.6x less "
+                        "activation memory for about one extra forward pass (~1.3x the step time). For a per-GPU "
+                        "batch that does not fit otherwise, e.g. --batch-size 4096 on 8 GPUs of 40 GB")
+    r.add_argument("--log-every", type=int, default=50,
+                   help="steps between log lines; also how often the loss is checked for NaN and stop signals are "
+                        "acted on (the only steps that wait for the GPU)")
     r.add_argument("--knn-every", type=int, default=None,
                    help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
                         "default: 10, 0 (off) for imagefolder")
@@ -135,7 +146,9 @@ def get_args(argv=None):
 def to_device_views(x1, x2, args, device, generator, seed):
     """Both views of a batch as one (2n, 3, H, W) float batch on the device: distorted
     there (batched, generator seeded with `seed`) when the workers only cropped."""
-    x = torch.cat([x1, x2]).to(device, non_blocking=True)  # both views through one BN batch
+    # Each view straight from the loader's pinned memory (a concatenation on the host would be a
+    # pageable copy, which the host waits for); both views go through one BN batch.
+    x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
     if args.distort_on == "device":
         generator.manual_seed(seed)
         x = distort(x.float().div_(255.0), args.strength, args.blur, generator)
@@ -157,6 +170,47 @@ def forward_backward(model, x, temperature, amp):
     return loss.detach(), accuracy
 
 
+def train_step(model, optimizer, x, temperature, amp, ctx, nonfinite, step):
+    """Forward, NT-Xent, backward and LARS on the views x, without waiting for the device
+    -> (global mean loss and contrast accuracy, updated `nonfinite` record). From the
+    first non-finite loss on (on any rank), the weights are left as they were."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, accuracy = forward_backward(model, x, temperature, amp)
+    stats = all_sum(torch.stack([loss, accuracy]), ctx) / ctx.world  # same on every rank
+    nonfinite = first_nonfinite(nonfinite, stats[0], step)
+    optimizer.step(update=nonfinite[0] < 0)
+    return stats, nonfinite
+
+
+def first_nonfinite(record, loss, step):
+    """record = [step, loss] of the first non-finite loss so far ([-1, 0] while none), updated
+    on the device: the host learns of it at the next log line, without waiting every step."""
+    now = torch.stack([torch.full_like(loss, step), loss])
+    return torch.where((record[0] < 0) & ~torch.isfinite(loss), now, record)
+
+
+OUT_OF_MEMORY = tuple({getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError} - {None})
+
+
+def is_out_of_memory(e):
+    """torch.OutOfMemoryError (torch >= 2.5), torch.cuda.OutOfMemoryError, or the plain
+    RuntimeError that older torch and some backends raise."""
+    return isinstance(e, OUT_OF_MEMORY) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def out_of_memory_text(args, ctx, per_rank, step, ckpt_path):
+    if ctx.cuda:
+        props = torch.cuda.get_device_properties(ctx.device)
+        where = f"per GPU, on a {props.total_memory / 2**30:.1f} GiB {props.name}"
+    else:
+        where = f"per process, on the CPU ({os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM)"
+    ways = [] if args.activation_checkpointing else ["--activation-checkpointing (exact, ~1.3x the step time)"]
+    ways += [f"more GPUs for the same --batch-size {args.batch_size}",
+             "a smaller --batch-size with --lr-scaling sqrt (the paper's choice for small batches)"]
+    return (f"out of memory at step {step + 1}: {per_rank} images ({2 * per_rank} views) of {args.image_size} px "
+            f"{where}. Ways out: {'; '.join(ways)}. {ckpt_path} keeps the last saved state")
+
+
 def main():
     args = get_args()
     ctx = setup(args.batch_size, args.dist_timeout)  # torchrun: one process per GPU (NCCL) or CPU slot (gloo)
@@ -165,7 +219,92 @@ def main():
     args.distort_on = args.distort_on or ("device" if ctx.cuda else "workers")
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    ckpt_path = prepare_out(args, master)
+    loader, views, knn = build_data(args, ctx, per_rank)
+    steps_per_epoch = len(loader)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
 
+    # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
+    torch.manual_seed(args.seed)
+    encoder = build_encoder(args.arch, args.width, args.cifar_stem, args.activation_checkpointing)
+    head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
+    model = SimCLR(encoder, head)
+    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
+                     weight_decay=args.weight_decay, eta=args.eta)
+    start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, steps_per_epoch, master)
+                                           if args.resume else (0, 0, [0.0, 0.0, 0.0]))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ctx.ddp:
+        if ctx.cuda:  # global BN: statistics over all processes' views (paper Sec. 2.1)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # `encoder` stays the live module
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    if args.compile:
+        model = torch.compile(model)
+    if master:
+        print_start(args, ctx, encoder, views_text=str(views), peak_lr=peak_lr, per_rank=per_rank,
+                    steps=(steps_per_epoch, total_steps, warmup_steps), start=(start_epoch, start_step), path=ckpt_path)
+    job = SimpleNamespace(args=args, ctx=ctx, model=model, encoder=encoder, optimizer=optimizer, peak_lr=peak_lr,
+                          ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch)  # what the helpers below share
+    generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
+    stop = StopRequest()
+    nonfinite = torch.tensor([-1.0, 0.0], device=device)  # [step, loss] of the first non-finite loss
+    t_start, steps_done = time.time(), 0
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0  # a resumed epoch starts where it stopped
+        loader.sampler.set_epoch(epoch, skip=first * per_rank)
+        model.train()
+        sums = torch.tensor(start_sums if first else [0.0, 0.0, 0.0], device=device)  # loss, accuracy, unreadable
+        unreadable = 0  # this process's, since the last log line
+        if ctx.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t_epoch = t_log = time.time()
+        for i, ((x1, x2), _, bad_images) in enumerate(loader, start=first):
+            # The step never waits for the GPU: the NaN check and stop signals are read at log lines.
+            step = epoch * steps_per_epoch + i
+            lr = warmup_cosine(step, total_steps, peak_lr, warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                x = to_device_views(x1, x2, args, device, generator,
+                                    seed=((args.seed + 1) * 1_000_003 + step) * 4_099 + ctx.rank)
+                stats, nonfinite = train_step(model, optimizer, x, args.temperature, args.amp, ctx, nonfinite, step)
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                # This rank alone may have run out, with the others inside a collective: no teardown,
+                # every rank that runs out says so, torchrun ends the rest.
+                fail(out_of_memory_text(args, ctx, per_rank, step, ckpt_path), code=5, every_rank=ctx.ddp)
+            sums[:2] += stats
+            unreadable += int(bad_images.sum())
+            steps_done += 1
+
+            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+                stopping = check_in(job, stop, nonfinite, sums, unreadable)
+                unreadable = 0
+                if master:
+                    now = time.time()
+                    done = min(i + 1 - first, (i % args.log_every) + 1)
+                    eta = (now - t_start) / steps_done * (total_steps - step - 1)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
+                          f"acc {stats[1]:.3f} lr {lr:.4g} img/s {done * args.batch_size / max(now - t_log, 1e-9):.0f}"
+                          f"{memory_text(ctx)} eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+                    t_log = now
+                if stopping and i + 1 < steps_per_epoch:  # at an epoch's end, the epoch checkpoint below serves
+                    stop_and_exit(job, stop, epoch, i + 1, sums)
+
+        end_epoch(job, knn, epoch, sums, lr, time.time() - t_epoch, steps_done=steps_per_epoch - first)
+        # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
+        if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
+            stop_and_exit(job, stop, epoch + 1, 0, None)
+
+    cleanup()
+
+
+def prepare_out(args, master):
+    """The resume decision and the --out folder -> path of ckpt.pt."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.auto_resume:
         args.resume = os.path.exists(ckpt_path)
@@ -177,12 +316,17 @@ def main():
         for name in os.listdir(args.out):
             if name.startswith(("ckpt.pt.tmp.", "encoder.pt.tmp.")):
                 os.remove(os.path.join(args.out, name))
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+    return ckpt_path
 
-    # Data. Rank 0 builds (downloads) first and tells the others whether that worked.
+
+def build_data(args, ctx, per_rank):
+    """The pretraining loader and, with --knn-every, the kNN monitor's -> (loader, views, knn)."""
     def build(split):
         return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
 
-    raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)
+    raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
@@ -190,180 +334,149 @@ def main():
     train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed,
                                      strict=args.strict_data)
     loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers,
-                              rank=ctx.rank, world=world, seed=args.seed, pin_memory=ctx.cuda)
-    knn_loaders = None
+                              rank=ctx.rank, world=ctx.world, seed=args.seed, pin_memory=ctx.cuda)
+    knn = {"loaders": None}
     if args.knn_every:  # labelled train and test images, evaluation transform (no augmentation)
         labelled = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
         plain = EvalTransform(args.image_size, train=False)
-        knn_loaders = [data.make_loader(data.SeededTransform(d, plain, strict=strict), per_rank, train=False,
-                                        workers=args.workers, rank=ctx.rank, world=world, pin_memory=ctx.cuda)
-                       for d, strict in zip(labelled, (args.strict_data, True))]  # every test image counts
-        knn_classes = data.num_classes(labelled[0])
-    steps_per_epoch = len(loader)
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
+        knn["loaders"] = [data.make_loader(data.SeededTransform(d, plain, strict=strict), per_rank, train=False,
+                                           workers=args.workers, rank=ctx.rank, world=ctx.world, pin_memory=ctx.cuda)
+                          for d, strict in zip(labelled, (args.strict_data, True))]  # every test image counts
+        knn["classes"] = data.num_classes(labelled[0])
+    return loader, views, knn
 
-    # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
-    torch.manual_seed(args.seed)
-    encoder = build_encoder(args.arch, args.width, args.cifar_stem)
-    head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
-    model = SimCLR(encoder, head)
-    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
-                     weight_decay=args.weight_decay, eta=args.eta)
-    start_epoch, start_step, start_sums = 0, 0, [0.0, 0.0, 0.0]
+
+def resume(args, ckpt_path, model, optimizer, steps_per_epoch, master):
+    """Load ckpt.pt into the model and optimizer -> (epoch, step in that epoch, epoch sums so far).
+    The checkpoint does not depend on --activation-checkpointing: resume with or without it."""
+    ckpt = read_checkpoint(ckpt_path)
+    encoder = model.encoder
+    if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
+        fail(f"{ckpt_path} holds a {ckpt.get('encoder_config')} model, not the {encoder.config} "
+             "these flags ask for; resume with the original flags")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
+             "resume with the original flags")
+    start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
+    if start_step and ckpt.get("steps_per_epoch") != steps_per_epoch:
+        fail(f"{ckpt_path} stopped in the middle of an epoch of {ckpt.get('steps_per_epoch')} steps, but these "
+             f"flags make epochs of {steps_per_epoch}; resume with the original dataset and --batch-size")
+    if "rng" in ckpt:
+        restore_rng_states(ckpt["rng"])
+    changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+               if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature",
+                        "strength", "blur", "image_size", "weight_decay") and ckpt["args"].get(k) != v}
+    if changed and master:
+        print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
+    return start_epoch, start_step, (ckpt.get("epoch_sums", [0.0, 0.0, 0.0]) if start_step else [0.0, 0.0, 0.0])
+
+
+def print_start(args, ctx, encoder, views_text, peak_lr, per_rank, steps, start, path):
+    steps_per_epoch, total_steps, warmup_steps = steps
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {ctx.device}"
+          f"{' (' + torch.cuda.get_device_name(ctx.device) + ')' if ctx.cuda else ''}, processes {ctx.world}", flush=True)
+    if ctx.ddp and not ctx.cuda:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
+              f"{2 * per_rank} views", flush=True)
+    print(json.dumps(vars(args), sort_keys=True), flush=True)
+    print(f"peak lr {peak_lr:.4g} = {args.lr} x {'batch/256' if args.lr_scaling == 'linear' else 'sqrt(batch)'}, "
+          f"{per_rank} images x 2 views per rank, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+          f"{warmup_steps} warmup, encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params "
+          f"({encoder.feature_dim}-d), {views_text}", flush=True)
     if args.resume:
-        ckpt = read_checkpoint(ckpt_path)
-        if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
-            fail(f"{ckpt_path} holds a {ckpt.get('encoder_config')} model, not the {encoder.config} "
-                 "these flags ask for; resume with the original flags")
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
-                 "resume with the original flags")
-        start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
-        if start_step and ckpt.get("steps_per_epoch") != steps_per_epoch:
-            fail(f"{ckpt_path} stopped in the middle of an epoch of {ckpt.get('steps_per_epoch')} steps, but these "
-                 f"flags make epochs of {steps_per_epoch}; resume with the original dataset and --batch-size")
-        start_sums = ckpt.get("epoch_sums", start_sums) if start_step else start_sums
-        if "rng" in ckpt:
-            restore_rng_states(ckpt["rng"])
-        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
-                   if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature",
-                            "strength", "blur", "image_size", "weight_decay") and ckpt["args"].get(k) != v}
-        if changed and master:
-            print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
+        print(f"resumed from {path} at epoch {start[0] + 1}, step {start[1] + 1}", flush=True)
+    if start[0] >= args.epochs:
+        print(f"nothing to do: the checkpoint has finished {start[0]} of {args.epochs} epochs", flush=True)
+
+
+def memory_text(ctx):
+    return f" mem {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f}GiB" if ctx.cuda else ""
+
+
+def check_in(job, stop, nonfinite, sums, unreadable):
+    """At a log line (the same steps on every rank): count the unreadable images of all
+    ranks into sums, stop on a non-finite loss, and return whether any rank was asked to stop."""
+    args, ctx = job.args, job.ctx
+    flags = all_sum(torch.tensor([float(stop.signum), float(unreadable)], device=ctx.device), ctx)
+    sums[2] += flags[1]
+    bad_step, bad_loss = nonfinite.tolist()  # waits for the device: one of the few places that do
+    if bad_step >= 0:  # every rank holds the same record and stops together
+        spe = job.steps_per_epoch
+        fail(f"loss is {bad_loss} at step {int(bad_step) + 1} (epoch {int(bad_step) // spe + 1}, step "
+             f"{int(bad_step) % spe + 1}/{spe}); weights were not updated from that step on and "
+             f"{job.ckpt_path} keeps the last good epoch. Likely causes: learning rate too high "
+             f"(peak {job.peak_lr:.3g}), temperature too low ({args.temperature}), "
+             "or bad input data", code=3)
+    return flags[0].item() > 0
+
+
+def save(job, epochs_done, step_in_epoch, sums):
+    """Rank 0 writes the resume state and the encoder export, each atomically."""
+    args, spe = job.args, job.steps_per_epoch
+    save_atomic({
+        "format": CHECKPOINT_FORMAT,
+        "encoder_config": dict(job.encoder.config),
+        "model": unwrap(job.model).state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "epoch": epochs_done,               # complete epochs
+        "step_in_epoch": step_in_epoch,     # steps done in the next one (stopped mid-epoch)
+        "step": epochs_done * spe + step_in_epoch,  # the learning-rate schedule's position
+        "steps_per_epoch": spe,
+        "epoch_sums": sums,                 # loss, accuracy, unreadable images so far in that epoch
+        "rng": rng_states(),
+        "args": vars(args),
+    }, job.ckpt_path)
+    save_encoder(os.path.join(args.out, "encoder.pt"), job.encoder, dataset=args.dataset, data_dir=args.data_dir,
+                 image_size=args.image_size, epoch=epochs_done, step_in_epoch=step_in_epoch, args=vars(args))
+
+
+def stop_and_exit(job, stop, epoch, step_in_epoch, sums):
+    """After a stop signal: save where the run stands (mid-epoch when sums are given), then exit."""
+    ctx, spe = job.ctx, job.steps_per_epoch
+    if ctx.master:
+        if sums is not None:
+            save(job, epoch, step_in_epoch, sums.tolist())
+        cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+        where = (f"after step {epoch * spe + step_in_epoch} (epoch {epoch + 1}, step {step_in_epoch}/{spe})"
+                 if sums is not None else f"after epoch {epoch}")
+        print(f"stopped by {cause} {where}; saved {job.ckpt_path}. Run the same command with --resume "
+              "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
     if ctx.ddp:
-        if ctx.cuda:  # global BN: statistics over all processes' views (paper Sec. 2.1)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # `encoder` stays the live module
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
-    if args.compile:
-        model = torch.compile(model)
-    generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
-
-    def save(epochs_done, step_in_epoch, sums):
-        """Rank 0 writes the resume state and the encoder export, each atomically."""
-        save_atomic({
-            "format": CHECKPOINT_FORMAT,
-            "encoder_config": dict(encoder.config),
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epochs_done,               # complete epochs
-            "step_in_epoch": step_in_epoch,     # steps done in the next one (stopped mid-epoch)
-            "step": epochs_done * steps_per_epoch + step_in_epoch,  # the learning-rate schedule's position
-            "steps_per_epoch": steps_per_epoch,
-            "epoch_sums": sums,                 # loss, accuracy, unreadable images so far in that epoch
-            "rng": rng_states(),
-            "args": vars(args),
-        }, ckpt_path)
-        save_encoder(os.path.join(args.out, "encoder.pt"), encoder, dataset=args.dataset, data_dir=args.data_dir,
-                     image_size=args.image_size, epoch=epochs_done, step_in_epoch=step_in_epoch, args=vars(args))
-
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {device}"
-              f"{' (' + torch.cuda.get_device_name(device) + ')' if ctx.cuda else ''}, processes {world}", flush=True)
-        if ctx.ddp and not ctx.cuda:
-            print("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
-                  f"{2 * per_rank} views", flush=True)
-        print(json.dumps(vars(args), sort_keys=True), flush=True)
-        print(f"peak lr {peak_lr:.4g} = {args.lr} x {'batch/256' if args.lr_scaling == 'linear' else 'sqrt(batch)'}, "
-              f"{per_rank} images x 2 views per rank, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-              f"{warmup_steps} warmup, encoder {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M params "
-              f"({encoder.feature_dim}-d), {views}", flush=True)
-        if args.resume:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {start_step + 1}", flush=True)
-        if start_epoch >= args.epochs:
-            print(f"nothing to do: the checkpoint has finished {start_epoch} of {args.epochs} epochs", flush=True)
-
-    stop = StopRequest()
-
-    def stop_and_exit(where):
-        if master:
-            cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-            print(f"stopped by {cause} {where}; saved {ckpt_path}. Run the same command with --resume "
-                  "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
-        if ctx.ddp:
-            dist.barrier()  # nobody exits before rank 0 has written the checkpoint
-        cleanup()
-        sys.exit(128 + (stop.signum or signal.SIGTERM))
-    t_start, steps_done = time.time(), 0
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0  # a resumed epoch starts where it stopped
-        loader.sampler.set_epoch(epoch, skip=first * per_rank)
-        model.train()
-        sums = torch.tensor(start_sums if first else [0.0, 0.0, 0.0], device=device)  # loss, accuracy, unreadable
-        t_epoch = t_log = time.time()
-        for i, ((x1, x2), _, unreadable) in enumerate(loader, start=first):
-            step = epoch * steps_per_epoch + i
-            lr = warmup_cosine(step, total_steps, peak_lr, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = to_device_views(x1, x2, args, device, generator,
-                                seed=((args.seed + 1) * 1_000_003 + step) * 4_099 + ctx.rank)
-            optimizer.zero_grad(set_to_none=True)
-            loss, accuracy = forward_backward(model, x, args.temperature, args.amp)
-
-            # One small all-reduce per step: mean loss and accuracy, unreadable images, and
-            # whether any process was asked to stop, so that all of them stop after this step.
-            stats = all_sum(torch.stack([loss, accuracy, unreadable.sum().to(device, torch.float32),
-                                         torch.tensor(float(stop.signum), device=device)]), ctx)
-            stats[:2] /= world
-            if not math.isfinite(stats[0].item()):  # every rank sees the same value and stops together
-                fail(f"loss is {stats[0].item()} at step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch}); "
-                     f"weights are not updated and "
-                     f"{ckpt_path} keeps the last good epoch. Likely causes: learning rate too high "
-                     f"(peak {peak_lr:.3g}), temperature too low ({args.temperature}), or bad input data", code=3)
-            optimizer.step()
-            sums += stats[:3]
-            steps_done += 1
-
-            if master and ((i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch):
-                now = time.time()
-                done_in_epoch = min(i + 1 - first, (i % args.log_every) + 1)
-                ips = done_in_epoch * args.batch_size / max(now - t_log, 1e-9)
-                eta = (now - t_start) / steps_done * (total_steps - step - 1)
-                print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
-                      f"acc {stats[1]:.3f} lr {lr:.4g} img/s {ips:.0f} "
-                      f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
-                t_log = now
-            if stats[3] > 0 and i + 1 < steps_per_epoch:  # at an epoch's end, the epoch checkpoint below serves
-                if master:
-                    save(epoch, i + 1, sums.tolist())
-                stop_and_exit(f"after step {step + 1} (epoch {epoch + 1}, step {i + 1}/{steps_per_epoch})")
-
-        epoch_time = time.time() - t_epoch
-        mean_loss, mean_acc, skipped = (sums[:2] / steps_per_epoch).tolist() + [int(sums[2].item())]
-        record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "loss": mean_loss,
-                  "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
-                  "images_per_s": round((steps_per_epoch - first) * args.batch_size / epoch_time, 1),
-                  "unreadable_images": skipped}
-        if knn_loaders and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            t_knn = time.time()
-            encoder.eval()  # BN running statistics, as the evaluation scripts use
-            (train_f, train_y), (test_f, test_y) = (
-                extract_features(encoder, ld, device, args.amp, args.channels_last) for ld in knn_loaders)
-            encoder.train()
-            record["knn_top1"] = knn_accuracy(train_f, train_y, test_f, test_y, knn_classes,
-                                              args.knn_k, args.knn_temperature)
-            if master:
-                print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
-                      f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
-        if master:
-            save(epoch + 1, 0, [0.0, 0.0, 0.0])
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
-                  f"{f'; skipped {skipped} unreadable images' if skipped else ''}; saved {ckpt_path}", flush=True)
-        # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
-        if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
-            stop_and_exit(f"after epoch {epoch + 1}")
-
+        dist.barrier()  # nobody exits before rank 0 has written the checkpoint
     cleanup()
+    sys.exit(128 + (stop.signum or signal.SIGTERM))
+
+
+def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
+    """The epoch's record: mean loss and accuracy, kNN accuracy when due; rank 0 saves and logs it."""
+    args, ctx, encoder, spe = job.args, job.ctx, job.encoder, job.steps_per_epoch
+    mean_loss, mean_acc, skipped = (sums[:2] / spe).tolist() + [int(sums[2].item())]
+    record = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "loss": mean_loss,
+              "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
+              "images_per_s": round(steps_done * args.batch_size / epoch_time, 1), "unreadable_images": skipped}
+    if ctx.cuda:  # of rank 0, over the epoch's steps
+        record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
+    if knn["loaders"] and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+        t_knn = time.time()
+        encoder.eval()  # BN running statistics, as the evaluation scripts use
+        (train_f, train_y), (test_f, test_y) = (
+            extract_features(encoder, ld, ctx.device, args.amp, args.channels_last) for ld in knn["loaders"])
+        encoder.train()
+        record["knn_top1"] = knn_accuracy(train_f, train_y, test_f, test_y, knn["classes"],
+                                          args.knn_k, args.knn_temperature)
+        if ctx.master:
+            print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
+                  f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
+    if ctx.master:
+        save(job, epoch + 1, 0, [0.0, 0.0, 0.0])
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
+              f"{memory_text(ctx)}{f'; skipped {skipped} unreadable images' if skipped else ''}; "
+              f"saved {job.ckpt_path}", flush=True)
 
 
 if __name__ == "__main__":

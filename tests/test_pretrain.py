@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, run_script
 from model import load_encoder
 
 
@@ -143,3 +143,39 @@ def test_download_failure_says_how_to_supply_the_data(monkeypatch, tmp_path):
     message = str(info.value)
     assert "\n" not in message and "download failed" in message
     assert "cifar-10-batches-py" in message and f"--data-dir {tmp_path}" in message
+
+
+def test_non_finite_loss_between_log_lines_is_reported_with_its_step(run, tmp_path):
+    """The NaN check waits for the next log line (no per-step host sync), but names the step,
+    and no later step has touched the weights or the saved checkpoint."""
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    saved = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    result = run("pretrain.py", *TINY, "--epochs", "3", "--out", "out", "--resume", "--lr", "1e30",
+                 "--warmup-epochs", "0", "--log-every", "4", check=False)
+    assert result.returncode == 3
+    one_line_error(result, "loss is nan at step 6 (epoch 2, step 2/4); weights were not updated from that step on")
+    assert "epoch 2/3 step" not in result.stdout  # stopped at the first log line after it
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == saved
+
+
+@pytest.mark.parametrize("torchrun,old", [(0, False), (0, True), (2, False)])
+def test_out_of_memory_is_one_line_with_the_ways_out(tmp_path, monkeypatch, torchrun, old):
+    first = run_script(["pretrain.py", *TINY, "--epochs", "1", "--out", "out"], tmp_path, torchrun=torchrun)
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = {name: (tmp_path / "out" / name).read_bytes() for name in ("ckpt.pt", "encoder.pt")}
+    monkeypatch.setenv("OOM_AT", "3")  # the third step of this process: epoch 2, step 3
+    monkeypatch.setenv("OOM_OLD", "1" if old else "")
+    result = run_script(["tests/oom_worker.py", *TINY, "--epochs", "2", "--out", "out", "--resume"], tmp_path,
+                        torchrun=torchrun)
+    assert result.returncode == (1 if torchrun else 5)  # torchrun reports a failed process as 1
+    lines = [line for line in result.stderr.splitlines() if "out of memory at step 7" in line]
+    assert len(lines) == max(1, torchrun), result.stderr[-3000:]  # every rank that ran out, once
+    per_rank = 16 // max(1, torchrun)
+    for line in lines:
+        assert f"{per_rank} images ({2 * per_rank} views) of 32 px per process" in line
+        assert "--activation-checkpointing" in line and "--lr-scaling sqrt" in line and "more GPUs" in line
+    if not torchrun:
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip() == lines[0]
+    for name, data in saved.items():  # nothing saved is lost
+        assert (tmp_path / "out" / name).read_bytes() == data

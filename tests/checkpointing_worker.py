@@ -1,0 +1,74 @@
+"""Two SimCLR steps (LARS update in between) of the same model with and without
+activation checkpointing, under DDP with torchrun (gloo, CPU); rank 0 saves, for
+every step, the loss, the averaged gradients and the BN buffers of both, and the
+final weights, for tests/test_checkpointing.py to compare.
+
+    torchrun --standalone --nproc_per_node=2 tests/checkpointing_worker.py OUT.pt
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lars import LARS  # noqa: E402
+from loss import nt_xent  # noqa: E402
+from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
+
+GLOBAL_BATCH, SIZE = 8, 32
+
+
+def make_model(checkpointing):
+    """A narrow ResNet-50 with the ImageNet stem (so the stem is checkpointed too), with
+    non-zero last-BN gammas so that gradients reach every layer."""
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet50", width=0.125, activation_checkpointing=checkpointing)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim, out_dim=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def two_steps(model, views, step_model=None):
+    """views: one (2n, 3, H, W) batch per step -> per step (loss, grads, buffers), final weights.
+    step_model: what runs forward/backward (a DDP wrapper of model), default model itself."""
+    step_model = step_model or model
+    optimizer = LARS(model.parameters(), lr=0.5, weight_decay=1e-4)
+    steps = []
+    for x in views:
+        optimizer.zero_grad(set_to_none=True)
+        _, z = step_model(x)
+        loss = nt_xent(*z.chunk(2), temperature=0.2)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        steps.append({"loss": loss.detach().clone(), "grads": grads,
+                      "buffers": {k: b.clone() for k, b in model.named_buffers()}})
+        optimizer.step()
+    return steps, {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(2 * n, 3, SIZE, SIZE, generator=g) for _ in range(2)]
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = GLOBAL_BATCH // world
+    views = [x.view(2, GLOBAL_BATCH, 3, SIZE, SIZE)[:, rank * n:(rank + 1) * n].reshape(2 * n, 3, SIZE, SIZE)
+             for x in batches(GLOBAL_BATCH)]  # this rank's images, both views
+    results = {}
+    for checkpointing in (False, True):
+        model = make_model(checkpointing)
+        results[checkpointing] = two_steps(model, views, DDP(model))
+    if rank == 0:
+        torch.save(results, sys.argv[1])
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
