@@ -138,6 +138,9 @@ def get_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature <= 0 or args.width <= 0:
         p.error("--temperature and --width must be positive")
+    if args.compile and args.activation_checkpointing:  # dynamo cannot trace checkpoint's custom context_fn
+        p.error("--compile and --activation-checkpointing cannot be combined (torch.compile does not trace the "
+                "recomputation's guard of the BN statistics); use one of them")
     if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
         p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
     return args

@@ -93,6 +93,7 @@ def one_line_error(result, text):
     (["--resume"], "nothing to resume"),
     (["--dataset", "imagefolder", "--data-dir", "nowhere"], "ImageNet layout"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--compile", "--activation-checkpointing"], "cannot be combined"),
 ])
 def test_bad_input_is_one_clear_line(run, flags, text):
     one_line_error(run("pretrain.py", *TINY, "--out", "out", *flags, check=False), text)
