@@ -20,9 +20,10 @@ a noisy machine):
          and of the broadcast form several ports use (cosine similarity of
          (2N, 1, d) against (1, 2N, d): O(N^2 d)), at several 2N with d = 128.
   memory activation memory of one forward + backward of SimCLR (ResNet-50, 128 views
-         of 96 px on CPU; 224 px and 256 / 512 images per GPU on CUDA, bf16), without and
-         with activation checkpointing, and the step time of each: on CPU the peak RSS
-         growth of a fresh process, on CUDA the allocator's peak above the model.
+         of 96 px on CPU; 224 px and 128 / 256 / 512 images per GPU on CUDA, bf16), without
+         and with activation checkpointing (on CPU the peak RSS growth of a fresh process,
+         on CUDA the allocator's peak above the model), and the time of each (medians of
+         interleaved rounds in one process).
   epoch  seconds for one epoch of ResNet-18 (CIFAR stem) on generated 32 px images
          (50,000 on CUDA), the full pretrain.py data path.
 """
@@ -63,6 +64,11 @@ def get_args():
     p.add_argument("--view-images", type=int, default=48, help="JPEG images per round of the views section")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the views section")
     p.add_argument("--loss-sizes", default=None, help="2N values; default 2048,8192,32768 (CPU: 2048,4096,8192,32768)")
+    p.add_argument("--memory-cases", default=None,
+                   help="memory section: IMAGESxPX,...; default 128x224,256x224,512x224 on CUDA, 64x96 on CPU")
+    p.add_argument("--memory-arch", default="resnet50", help="memory section")
+    p.add_argument("--memory-width", type=float, default=1.0, help="memory section")
+    p.add_argument("--memory-rounds", type=int, default=3, help="memory section: timed rounds")
     p.add_argument("--epoch-images", type=int, default=None, help="default 50000 on CUDA, 1024 on CPU")
     p.add_argument("--json", default=None, help="also write all numbers to this file")
     args = p.parse_args()
@@ -74,6 +80,7 @@ def get_args():
     args.workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
     args.loss_sizes = [int(v) for v in (args.loss_sizes or ("2048,8192,32768" if cuda else "2048,4096,8192,32768")).split(",")]
     args.epoch_images = args.epoch_images or (50_000 if cuda else 1024)
+    args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
     return args
 
 
@@ -318,31 +325,67 @@ def activation_memory_in_fresh_process(arch, width, views, size, checkpointing):
     return seconds, peak
 
 
+def checkpointing_step_times(arch, width, views, size, rounds, device):
+    """Seconds of one forward + backward without and with activation checkpointing: one
+    model, the two variants interleaved for `rounds` rounds -> medians {False: s, True: s}."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    encoder = build_encoder(arch, width)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    x = torch.rand(views, 3, size, size, device=device)
+    times = {False: [], True: []}
+    for r in range(rounds + 1):  # the first round warms up
+        for checkpointing in (False, True):
+            encoder.activation_checkpointing = checkpointing
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            forward_backward(model, x, 0.1, amp=cuda)
+            if cuda:
+                torch.cuda.synchronize()
+            if r:
+                times[checkpointing].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_memory(args):
     cuda = args.device.startswith("cuda")
-    cases = [(128, 224), (256, 224), (512, 224)] if cuda else [(64, 96)]  # (images, px): 2 views each
-    print(f"\n[memory] resnet50, one forward + backward, {args.device}"
-          f"{' bf16 autocast, channels_last; CUDA allocator peak above the model' if cuda else '; peak RSS growth of a fresh process'}")
+    print(f"\n[memory] {args.memory_arch} x{args.memory_width:g}, one forward + backward, {args.device}"
+          f"{' bf16 autocast, channels_last; CUDA allocator peak above the model' if cuda else '; peak RSS growth of a fresh process'}"
+          f"; time: median of {args.memory_rounds} interleaved rounds in one process")
     rows = []
-    for images, size in cases:
+    for case in args.memory_cases.split(","):
+        images, size = (int(v) for v in case.split("x"))
         row = {"images": images, "views": 2 * images, "size": size}
         for checkpointing in (False, True):
+            key = "checkpointing" if checkpointing else "plain"
             try:
                 if cuda:
-                    seconds, peak = activation_memory("resnet50", 1, 2 * images, size, checkpointing, args.device)
+                    _, peak = activation_memory(args.memory_arch, args.memory_width, 2 * images, size, checkpointing,
+                                                args.device)
+                    torch.cuda.empty_cache()
                 else:
-                    seconds, peak = activation_memory_in_fresh_process("resnet50", 1, 2 * images, size, checkpointing)
+                    _, peak = activation_memory_in_fresh_process(args.memory_arch, args.memory_width, 2 * images,
+                                                                 size, checkpointing)
             except (RuntimeError, subprocess.CalledProcessError) as e:  # out of memory: a result too
-                row["checkpointing" if checkpointing else "plain"] = {"error": str(e).splitlines()[0][:120]}
-                print(f"  {images} images x 2 views, {size} px, checkpointing {checkpointing}: failed ({e})")
+                row[key] = {"error": str(e).splitlines()[0][:120]}
+                print(f"  {images} images x 2 views, {size} px, checkpointing {checkpointing}: failed ({row[key]['error']})")
                 continue
-            row["checkpointing" if checkpointing else "plain"] = {"seconds": seconds, "peak_bytes": peak}
-            print(f"  {images} images x 2 views, {size} px, checkpointing {str(checkpointing):5s}: "
-                  f"peak {peak / 2**30:7.2f} GiB   {seconds * 1000:9.1f} ms")
+            row[key] = {"peak_bytes": peak}
+            print(f"  {images} images x 2 views, {size} px, checkpointing {str(checkpointing):5s}: peak {peak / 2**30:7.2f} GiB")
         if "peak_bytes" in row.get("plain", {}) and "peak_bytes" in row.get("checkpointing", {}):
-            mem = row["plain"]["peak_bytes"] / row["checkpointing"]["peak_bytes"]
-            slow = row["checkpointing"]["seconds"] / row["plain"]["seconds"]
-            print(f"  -> checkpointing: {mem:.2f}x less activation memory, {slow:.2f}x the time")
+            seconds = checkpointing_step_times(args.memory_arch, args.memory_width, 2 * images, size,
+                                               args.memory_rounds, args.device)
+            row["plain"]["seconds"], row["checkpointing"]["seconds"] = seconds[False], seconds[True]
+            if cuda:
+                torch.cuda.empty_cache()
+            less = row["plain"]["peak_bytes"] / row["checkpointing"]["peak_bytes"] if row["checkpointing"]["peak_bytes"] else 0
+            print(f"  -> checkpointing: {f'{less:.2f}x less' if less else 'too small to compare'} "
+                  f"activation memory, {seconds[True] / seconds[False]:.2f}x the time "
+                  f"({seconds[False] * 1000:.0f} -> {seconds[True] * 1000:.0f} ms)")
         rows.append(row)
     return {"memory": rows}
 

@@ -7,10 +7,11 @@ from conftest import run_script
 def test_bench_runs_on_cpu(tmp_path):
     result = run_script(["bench.py", "--device", "cpu", "--view-images", "2", "--rounds", "1", "--image-size", "32",
                          "--batch-size", "8", "--steps", "2", "--workers", "1", "--loss-sizes", "64,256",
-                         "--epoch-images", "64", "--json", tmp_path / "bench.json"], tmp_path)
+                         "--epoch-images", "64", "--memory-cases", "2x32", "--memory-width", "0.25",
+                         "--memory-rounds", "1", "--json", tmp_path / "bench.json"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for text in ("ours / torchvision:", "(a) data on device (ceiling)", "(c) / (b):", "2N =    256 broadcast",
-                 "[epoch] ResNet-18 CIFAR stem, 64 generated"):
+                 "[epoch] ResNet-18 CIFAR stem, 64 generated", "-> checkpointing:"):
         assert text in result.stdout, result.stdout
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["views"]["ratio_ours_over_torchvision"] > 0
