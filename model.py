@@ -12,10 +12,12 @@ h = f(x) is the representation; z = g(h) only feeds the contrastive loss.
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim))
     h, z = model(images)
 """
+import math
 import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = "simclr-encoder"  # marks files written by save_encoder / pretrain.py
 
@@ -71,6 +73,22 @@ def _shortcut(cin, cout, stride):
     return nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
 
 
+class TFSameMaxPool(nn.Module):
+    """3x3 / stride-2 max-pool with TensorFlow's 'SAME' padding, as the official stem.
+
+    TF pads only as much as the output size ceil(n / 2) needs and puts the odd
+    pixel after: at even sizes (112 px for 224 px images) 0 before and 1 after,
+    where nn.MaxPool2d(padding=1) pads 1 on both sides and so shifts every window.
+    """
+
+    def forward(self, x):
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+            total = max((math.ceil(n / 2) - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel_size=3, stride=2)
+
+
 ARCHS = {  # block type and blocks per stage
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
@@ -83,7 +101,7 @@ ARCHS = {  # block type and blocks per stage
 class ResNet(nn.Module):
     """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
 
-    def __init__(self, block, layers, width=1, cifar_stem=False):
+    def __init__(self, block, layers, width=1, cifar_stem=False, tf_same_pool=False):
         super().__init__()
         planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
         if cifar_stem:  # 32 px images: keep the resolution (official: image_size <= 32)
@@ -91,7 +109,8 @@ class ResNet(nn.Module):
             self.maxpool = nn.Identity()
         else:
             self.conv1 = _conv(3, planes[0], 7, stride=2)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.maxpool = (TFSameMaxPool() if tf_same_pool
+                            else nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
         cin = planes[0]
@@ -122,8 +141,12 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def build_encoder(arch="resnet50", width=1, cifar_stem=False):
+def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False):
     """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
+
+    tf_same_pool=True pads the stem max-pool as TensorFlow's 'SAME' (see
+    TFSameMaxPool): the official checkpoints (convert_official.py) need it for
+    exact features; the default is torchvision's padding. Parameters are the same.
 
     The returned module has `feature_dim` and `config` (the arguments, used by
     save_encoder so a checkpoint can rebuild it).
@@ -133,8 +156,10 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False):
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
     block, layers = ARCHS[arch]
-    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem)
+    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem, tf_same_pool=tf_same_pool)
     encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
+    if tf_same_pool:  # only then, so configs of the default model stay as before
+        encoder.config["tf_same_pool"] = True
     return encoder
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from model import (CheckpointError, ProjectionHead, SimCLR, build_encoder, load_encoder, read_checkpoint,
-                   save_atomic, save_encoder)
+from model import (CheckpointError, ProjectionHead, SimCLR, TFSameMaxPool, build_encoder, load_encoder,
+                   read_checkpoint, save_atomic, save_encoder)
 
 
 def n_params(module):
@@ -118,3 +118,29 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     torch.save(ckpt, tmp_path / "mislabelled.pt")
     with pytest.raises(CheckpointError, match="do not match"):
         load_encoder(tmp_path / "mislabelled.pt")
+
+
+@pytest.mark.parametrize("size", [6, 7, 112, 113])
+def test_tf_same_max_pool_pads_as_tensorflow(size):
+    # TF 'SAME', 3x3 / stride 2: output ceil(n / 2); the padding that needs, odd pixel after
+    # (even n: 0 before, 1 after; odd n: 1 and 1). Padded cells never win (-inf).
+    x = torch.randn(2, 3, size, size)
+    after = 1
+    before = 0 if size % 2 == 0 else 1
+    ref = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(x, (before, after, before, after), value=float("-inf")), 3, 2)
+    out = TFSameMaxPool()(x)
+    assert out.shape[-1] == (size + 1) // 2
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    if size % 2 == 0:  # where torchvision's padding=1 differs
+        assert not torch.equal(out, torch.nn.MaxPool2d(3, 2, padding=1)(x))
+
+
+def test_tf_same_pool_is_recorded_and_keeps_the_parameters(tmp_path):
+    enc = build_encoder("resnet18", width=0.25, tf_same_pool=True)
+    assert enc.config["tf_same_pool"] is True and isinstance(enc.maxpool, TFSameMaxPool)
+    assert "tf_same_pool" not in build_encoder("resnet18", width=0.25).config  # default unchanged
+    save_encoder(tmp_path / "tf.pt", enc)
+    assert isinstance(load_encoder(tmp_path / "tf.pt")[0].maxpool, TFSameMaxPool)
+    old = build_encoder("resnet18", width=0.25)  # same parameters, torchvision padding
+    old.load_state_dict(enc.state_dict())
