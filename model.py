@@ -185,9 +185,17 @@ class ProjectionHead(nn.Module):
         out_bn.bias.requires_grad_(False)  # stays 0: BN without centring, as the official head
         layers += [nn.Linear(dim, out_dim, bias=False), out_bn]
         self.net = nn.Sequential(*layers)
+        self.config = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim, "num_layers": num_layers}
 
     def forward(self, h):
         return self.net(h)
+
+    def first_layers(self, k):
+        """The first k layers as a module: h -> output of layer k (after its ReLU for a hidden
+        layer; z for k = num_layers; h itself for k = 0). SimCLR v2 fine-tunes from k = 1."""
+        if not 0 <= k <= self.config["num_layers"]:
+            raise ValueError(f"the projection head has {self.config['num_layers']} layers; cannot take {k}")
+        return self.net if k == self.config["num_layers"] else self.net[:3 * k]
 
 
 class SimCLR(nn.Module):
@@ -206,7 +214,10 @@ class SimCLR(nn.Module):
 # ----------------------------------------------------------------------------
 # Saving and loading. Two files, both plain dicts that load with
 # torch.load(weights_only=True):
-#   encoder.pt  {"format", "encoder_config", "encoder", "meta"}: what eval scripts need
+#   encoder.pt  {"format", "encoder_config", "encoder", "meta"}: what eval scripts need;
+#               optionally "head_config" + "head" (projection head weights) and
+#               "classifier": {"weight" (C, d), "bias" (C,), "head_layer": k}, a
+#               linear classifier reading the output of head layer k (0: h itself)
 #   ckpt.pt     pretrain.py's resume state; also carries "format",
 #               "encoder_config" and "model" (encoder.* and head.* weights)
 
@@ -232,15 +243,21 @@ def unwrap(module):
             return module
 
 
-def save_encoder(path, encoder, **meta):
-    """Write the encoder-only export read by linear_eval.py and finetune.py."""
+def save_encoder(path, encoder, head=None, classifier=None, **meta):
+    """Write the encoder-only export read by linear_eval.py and finetune.py; with the
+    projection head and a classifier ({"weight", "bias", "head_layer"}) when given."""
     encoder = unwrap(encoder)
-    save_atomic({
+    ckpt = {
         "format": CHECKPOINT_FORMAT,
         "encoder_config": dict(encoder.config),
         "encoder": encoder.state_dict(),
         "meta": meta,
-    }, path)
+    }
+    if head is not None:
+        ckpt["head_config"], ckpt["head"] = dict(unwrap(head).config), unwrap(head).state_dict()
+    if classifier is not None:
+        ckpt["classifier"] = dict(classifier)
+    save_atomic(ckpt, path)
 
 
 class CheckpointError(ValueError):
@@ -282,6 +299,27 @@ def load_encoder(path):
             f"{path}: weights do not match the encoder it describes "
             f"({ckpt['encoder_config']}): {str(e).splitlines()[0]}") from None
     return encoder, ckpt
+
+
+def load_head(path, ckpt):
+    """The projection head a checkpoint carries (encoder.pt "head", or ckpt.pt's head.*
+    weights), in train mode on the CPU, or None when it has none."""
+    if "head" in ckpt:
+        config, state = ckpt["head_config"], ckpt["head"]
+    elif "model" in ckpt and "args" in ckpt:
+        args = ckpt["args"]
+        state = {k[len("head."):]: v for k, v in ckpt["model"].items() if k.startswith("head.")}
+        config = {"in_dim": state["net.0.weight"].shape[1], "hidden_dim": args["proj_hidden_dim"],
+                  "out_dim": args["proj_dim"], "num_layers": args["proj_layers"]}
+    else:
+        return None
+    head = ProjectionHead(**config)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: projection head weights do not match {config}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return head
 
 
 def pretrain_settings(ckpt):

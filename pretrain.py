@@ -260,8 +260,9 @@ def main():
             "rng": rng_states(),
             "args": vars(args),
         }, ckpt_path)
-        save_encoder(os.path.join(args.out, "encoder.pt"), encoder, dataset=args.dataset, data_dir=args.data_dir,
-                     image_size=args.image_size, epoch=epochs_done, step_in_epoch=step_in_epoch, args=vars(args))
+        save_encoder(os.path.join(args.out, "encoder.pt"), encoder, head=head, dataset=args.dataset,
+                     data_dir=args.data_dir, image_size=args.image_size, epoch=epochs_done,
+                     step_in_epoch=step_in_epoch, args=vars(args))
 
     if master:
         os.makedirs(args.out, exist_ok=True)
