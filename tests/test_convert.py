@@ -156,3 +156,70 @@ def test_bad_input_is_one_clear_line(tmp_path, damage, text):
     errors = [line for line in result.stderr.splitlines() if "convert_official.py: error:" in line]
     assert len(errors) == 1 and text in errors[0], result.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+SYNTHETIC = ["--dataset", "synthetic", "--image-size", "64", "--synthetic-size", "64", "--workers", "0",
+             "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The fixture converted twice: classifier on h, and on head layer 1 (as v2 fine-tuned)."""
+    folder = tmp_path_factory.mktemp("converted")
+    convert(FIXTURE, folder / "h.pt", head_layer=0)
+    convert(FIXTURE, folder / "layer1.pt", head_layer=1)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["h.pt", "layer1.pt"])
+def test_linear_eval_scores_the_stored_classifier_without_training(converted, tmp_path, name):
+    import data
+    from augment import EvalTransform
+    result = run_script(["linear_eval.py", converted / name, *SYNTHETIC, "--checkpoint-classifier",
+                         "--out", "r.json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("top-1 accuracy: ")
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["protocol"] == "checkpoint_classifier" and res["test_images"] == 16 and not res["amp"]
+    # the same top-1, computed here from the stored weights
+    test = data.build_dataset("synthetic", "data", "test", 64, 64)
+    x = torch.stack([EvalTransform(64, train=False)(test[i][0]) for i in range(len(test))])
+    y = torch.as_tensor(data.labels_of(test))
+    encoder, ckpt = load_encoder(converted / name)
+    c = ckpt["classifier"]
+    with torch.no_grad():
+        feats = load_head(converted / name, ckpt).eval().first_layers(c["head_layer"])(encoder.eval()(x))
+        pred = (feats @ c["weight"].T + c["bias"]).argmax(1)
+    assert res["top1"] == pytest.approx(100 * (pred == y).float().mean().item())
+    assert res["head_layer"] == c["head_layer"]
+
+
+def test_finetune_from_the_first_head_layer(converted, tmp_path):
+    import finetune
+    args = finetune.get_args([str(converted / "h.pt"), "--from-head-layer", "1"])
+    encoder, ckpt = load_encoder(converted / "h.pt")
+    trunk, dim = finetune.head_layers(args, encoder, finetune.kept_head(args, ckpt))
+    head = load_head(converted / "h.pt", ckpt)
+    assert dim == 256 and trunk[0] is encoder
+    assert [type(m) for m in trunk[1]] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
+    assert torch.equal(trunk[1][0].weight, head.net[0].weight)  # kept from the checkpoint, trained with the rest
+    result = run_script(["finetune.py", converted / "h.pt", *SYNTHETIC, "--label-fraction", "0.5", "--epochs", "1",
+                         "--from-head-layer", "1", "--out", "f.json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["from_head_layer"] == 1 and 0 <= res["top1"] <= 100
+
+
+@pytest.mark.parametrize("script,args,text", [
+    ("linear_eval.py", ["PLAIN", *SYNTHETIC, "--checkpoint-classifier"], "stores no classifier"),
+    ("finetune.py", ["PLAIN", *SYNTHETIC, "--from-head-layer", "1"], "carries no projection head"),
+    ("finetune.py", ["CONVERTED", *SYNTHETIC, "--from-head-layer", "4"], "has 3 layers"),
+])
+def test_missing_classifier_or_head_is_one_clear_line(converted, tmp_path, script, args, text):
+    from model import save_encoder
+    save_encoder(tmp_path / "plain.pt", build_encoder("resnet18", width=0.25), dataset="synthetic")
+    paths = {"PLAIN": tmp_path / "plain.pt", "CONVERTED": converted / "h.pt"}
+    result = run_script([script, *[paths.get(a, a) for a in args]], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if f"{script}: error:" in line]
+    assert len(errors) == 1 and text in errors[0], result.stderr
