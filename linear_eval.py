@@ -62,7 +62,8 @@ def get_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default: the pretraining one (same dataset) or the dataset's")
     p.add_argument("--synthetic-size", type=int, default=None, help="generated training images; default: the pretraining one")
     p.add_argument("--epochs", type=int, default=None, help="default: 90 imagefolder, 100 otherwise")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch; default: 4096 imagefolder, 512 otherwise")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch; default: 4096 imagefolder, 512 otherwise, 256 with --checkpoint-classifier")
     p.add_argument("--lr", type=float, default=0.1, help="base learning rate: peak lr = lr x batch/256")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-6 imagefolder, 0 otherwise")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
@@ -90,7 +91,8 @@ def resolve(args, settings):
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     imagenet = args.dataset == "imagefolder"
     args.epochs = args.epochs or (90 if imagenet else 100)
-    args.batch_size = args.batch_size or (4096 if imagenet else 512)
+    # --checkpoint-classifier only runs the network: the batch changes nothing but memory (float32)
+    args.batch_size = args.batch_size or (256 if args.checkpoint_classifier else 4096 if imagenet else 512)
     if args.weight_decay is None:
         args.weight_decay = 1e-6 if imagenet else 0.0
     if args.workers is None:
