@@ -264,9 +264,9 @@ def plan(shapes, head_layer=0):
                  ours[f"{m}.{param}"], None)
 
     head_config = None
-    scope = "head_contrastive/l_0" if "head_contrastive/l_0/dense/kernel" in model else "head_contrastive/nl_{}"
+    scope = "head_contrastive/nl_{}"  # the official nonlinear head (proj_head_mode 'nonlinear', as released)
     num_layers = 0
-    while f"{scope.format(num_layers)}/dense/kernel" in model and (num_layers == 0 or "{}" in scope):
+    while f"{scope.format(num_layers)}/dense/kernel" in model:
         num_layers += 1
     if num_layers:
         first, last = model[f"{scope.format(0)}/dense/kernel"], model[f"{scope.format(num_layers - 1)}/dense/kernel"]
