@@ -17,6 +17,12 @@ weight decay, cosine decay per step, 60 epochs at 1% of the labels or fewer and
 synchronised across processes on CUDA. Test accuracy is measured once, after
 the last epoch, on every test image.
 
+--from-head-layer K (SimCLR v2, Sec. 2 of Chen et al. 2020b; the official
+ft_proj_selector) keeps the first K layers of the checkpoint's projection head
+and fine-tunes them with the encoder, the new linear head reading their output;
+v2 uses K = 1. It needs a checkpoint that carries the head (pretrain.py's, or
+convert_official.py's from a v2 checkpoint).
+
 Prints top-1 (and top-5 with at least 5 classes), writes JSON next to the
 checkpoint, and ends with the line `top-1 accuracy: XX.XX%`.
 """
@@ -37,7 +43,7 @@ from augment import EvalTransform
 from distributed import all_sum, cleanup, fail, rank0_first, run, setup
 from features import extract_features, topk_accuracy
 from lars import warmup_cosine
-from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
+from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -59,6 +65,9 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
     p.add_argument("--random-init", action="store_true", help="start from a randomly initialised encoder (supervised baseline)")
+    p.add_argument("--from-head-layer", type=int, default=0,
+                   help="fine-tune from this projection-head layer, its layers kept (official ft_proj_selector; "
+                        "v2: 1); 0: from h, the head dropped")
     p.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
     p.add_argument("--seed", type=int, default=0, help="subset choice, head init, data order, augmentation")
     p.add_argument("--strict-data", action="store_true",
@@ -69,12 +78,39 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.label_fraction <= 1:
         p.error("--label-fraction must lie in (0, 1]")
+    if args.from_head_layer < 0:
+        p.error("--from-head-layer must be at least 0")
     return args
+
+
+def kept_head(args, ckpt):
+    """The checkpoint's projection head when --from-head-layer needs it (else None); one line if it cannot."""
+    k = args.from_head_layer
+    if k == 0:
+        return None
+    proj = load_head(args.checkpoint, ckpt)
+    if proj is None:
+        fail(f"--from-head-layer {k}: {args.checkpoint} carries no projection head")
+    if k > proj.config["num_layers"]:
+        fail(f"--from-head-layer {k}: the checkpoint's projection head has {proj.config['num_layers']} layers")
+    return proj
+
+
+def head_layers(args, encoder, proj):
+    """-> (encoder followed by the first --from-head-layer layers of proj, their output dim)."""
+    k = args.from_head_layer
+    if k == 0:
+        return encoder, encoder.feature_dim
+    if args.random_init:
+        proj = ProjectionHead(**proj.config)
+    dim = proj.config["out_dim"] if k == proj.config["num_layers"] else proj.config["hidden_dim"]
+    return nn.Sequential(encoder, proj.first_layers(k)), dim
 
 
 def main():
     args = get_args()
     encoder, ckpt = load_encoder(args.checkpoint)
+    proj = kept_head(args, ckpt)
     settings = pretrain_settings(ckpt)
     args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
@@ -112,10 +148,11 @@ def main():
     torch.manual_seed(args.seed)
     if args.random_init:
         encoder = build_encoder(**encoder.config)
-    head = nn.Linear(encoder.feature_dim, classes)
+    trunk, dim = head_layers(args, encoder, proj)
+    head = nn.Linear(dim, classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    net = nn.Sequential(encoder, head).to(device)
+    net = nn.Sequential(trunk, head).to(device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     model = net
@@ -140,7 +177,8 @@ def main():
         print(json.dumps(vars(args), sort_keys=True), flush=True)
         origin = ("random weights" if args.random_init
                   else f"pretrained {settings.get('epoch', '?')} epochs on {settings.get('dataset', '?')}")
-        print(f"encoder {encoder.config} ({origin}); "
+        kept = f" + projection-head layers 1..{args.from_head_layer}" if args.from_head_layer else ""
+        print(f"encoder {encoder.config} ({origin}){kept}; "
               f"{len(chosen)} of {len(train_raw)} labelled images ({subset_classes} of {classes} classes), "
               f"{len(test_raw)} test; peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256, "
               f"{steps_per_epoch} steps/epoch, processes {ctx.world}, device {device}", flush=True)
@@ -181,6 +219,7 @@ def main():
     accs = topk_accuracy(scores.float(), test_y, ks)
     results = {
         "checkpoint": os.path.abspath(args.checkpoint), "protocol": "finetune", "random_init": args.random_init,
+        "from_head_layer": args.from_head_layer,
         "label_fraction": None if args.subset_file else args.label_fraction, "subset_file": args.subset_file,
         "train_images": len(chosen), "test_images": len(test_y), "classes": classes, "dataset": args.dataset,
         "image_size": args.image_size, "encoder_config": encoder.config, "pretrain_epochs": settings.get("epoch"),

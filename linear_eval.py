@@ -20,6 +20,14 @@ classifier on those same features, computed once: minutes instead of hours,
 but without crop + flip augmentation. --random-init evaluates a randomly
 initialised encoder of the same architecture: the baseline to beat.
 
+--checkpoint-classifier trains nothing: it evaluates the classifier the
+checkpoint stores (convert_official.py keeps the official head_supervised) on
+the test split, in float32, reading h or the projection-head layer it was
+trained on. With a converted official checkpoint this reproduces the released
+top-1 on ImageNet val:
+
+  python linear_eval.py r50_1x.pt --dataset imagefolder --data-dir /data/imagenet --checkpoint-classifier
+
 Prints top-1 (and top-5 with at least 5 classes), writes JSON next to the
 checkpoint, and ends with the line `top-1 accuracy: XX.XX%`.
 """
@@ -39,7 +47,7 @@ from augment import EvalTransform
 from distributed import all_sum, cleanup, fail, rank0_first, run, setup
 from features import extract_features, knn_accuracy, topk_accuracy
 from lars import warmup_cosine
-from model import CheckpointError, build_encoder, load_encoder, pretrain_settings
+from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -54,20 +62,24 @@ def get_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default: the pretraining one (same dataset) or the dataset's")
     p.add_argument("--synthetic-size", type=int, default=None, help="generated training images; default: the pretraining one")
     p.add_argument("--epochs", type=int, default=None, help="default: 90 imagefolder, 100 otherwise")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch; default: 4096 imagefolder, 512 otherwise")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch; default: 4096 imagefolder, 512 otherwise, 256 with --checkpoint-classifier")
     p.add_argument("--lr", type=float, default=0.1, help="base learning rate: peak lr = lr x batch/256")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-6 imagefolder, 0 otherwise")
     p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
     p.add_argument("--cached-features", action="store_true",
                    help="train on features computed once without augmentation (fast, no crop + flip)")
     p.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder instead")
+    p.add_argument("--checkpoint-classifier", action="store_true",
+                   help="train nothing: evaluate the classifier stored in the checkpoint on the test split")
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN classifier")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
     p.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict-data", action="store_true",
                    help="stop at an unreadable training image instead of skipping it (test images always must be readable)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for the encoder on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the encoder on CUDA; default on, off with --checkpoint-classifier")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
     p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
     return p.parse_args(argv)
@@ -79,15 +91,21 @@ def resolve(args, settings):
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     imagenet = args.dataset == "imagefolder"
     args.epochs = args.epochs or (90 if imagenet else 100)
-    args.batch_size = args.batch_size or (4096 if imagenet else 512)
+    # --checkpoint-classifier only runs the network: the batch changes nothing but memory (float32)
+    args.batch_size = args.batch_size or (256 if args.checkpoint_classifier else 4096 if imagenet else 512)
     if args.weight_decay is None:
         args.weight_decay = 1e-6 if imagenet else 0.0
     if args.workers is None:
         args.workers = data.default_workers()
+    if args.amp is None:
+        args.amp = not args.checkpoint_classifier  # float32, as the TF numbers being reproduced
+    if args.checkpoint_classifier and (args.random_init or args.cached_features):
+        fail("--checkpoint-classifier evaluates the stored classifier: it takes no --random-init or --cached-features")
     if min(args.epochs, args.batch_size, args.knn_k, args.image_size) < 1 or args.workers < 0:
         fail("--epochs, --batch-size, --knn-k and --image-size must be at least 1, --workers at least 0")
     if args.out is None:
-        tags = "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else "")
+        tags = ("checkpoint_classifier" if args.checkpoint_classifier else
+                "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else ""))
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
     return args
 
@@ -99,6 +117,57 @@ def write_json(results, path):
     os.replace(tmp, path)
 
 
+def stored_classifier(args, ckpt):
+    """The checkpoint's classifier as a module h -> logits, with the projection-head
+    layers in front that it was trained on (head_layer k > 0: v2 fine-tuned models)."""
+    stored = ckpt.get("classifier")
+    if stored is None:
+        fail(f"{args.checkpoint} stores no classifier (convert_official.py keeps the official head_supervised); "
+             "drop --checkpoint-classifier to train one")
+    k = stored["head_layer"]
+    head = load_head(args.checkpoint, ckpt) if k else None
+    if k and head is None:
+        fail(f"{args.checkpoint}: its classifier reads projection-head layer {k}, but it stores no projection head")
+    linear = nn.Linear(stored["weight"].shape[1], stored["weight"].shape[0])
+    linear.load_state_dict({"weight": stored["weight"], "bias": stored["bias"]})
+    return nn.Sequential(head.first_layers(k), linear) if k else linear
+
+
+def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
+    """Top-1/top-5 of the stored classifier on the test split; no training."""
+    classifier = stored_classifier(args, ckpt)
+    test_raw = rank0_first(ctx, lambda: data.build_dataset(args.dataset, args.data_dir, "test", args.image_size,
+                                                           args.synthetic_size), data.DataError)
+    classes = data.num_classes(test_raw)
+    stored_classes = ckpt["classifier"]["weight"].shape[0]
+    if classes > stored_classes:
+        fail(f"the test split has {classes} classes, the stored classifier {stored_classes}")
+    net = nn.Sequential(encoder, classifier).to(ctx.device).eval()  # BN uses the stored statistics
+    loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False), strict=True),
+                              args.batch_size // ctx.world, train=False, workers=args.workers, rank=ctx.rank,
+                              world=ctx.world, pin_memory=ctx.cuda)
+    k = ckpt["classifier"]["head_layer"]
+    if ctx.master:
+        print(json.dumps(vars(args), sort_keys=True), flush=True)
+        print(f"encoder {encoder.config} with its stored classifier ({stored_classes} classes, reading "
+              f"{f'projection-head layer {k}' if k else 'h'}); {args.dataset}: {len(test_raw)} test images; "
+              f"processes {ctx.world}, device {ctx.device}", flush=True)
+    scores, test_y = extract_features(net, loader, ctx.device, args.amp, args.channels_last)
+    accs = topk_accuracy(scores.float(), test_y, (1, 5) if stored_classes >= 5 else (1,))
+    results = {
+        "checkpoint": os.path.abspath(args.checkpoint), "protocol": "checkpoint_classifier",
+        "dataset": args.dataset, "image_size": args.image_size, "test_images": len(test_y), "classes": classes,
+        "encoder_config": encoder.config, "head_layer": k, "amp": args.amp,
+        "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None, "processes": ctx.world,
+    }
+    if ctx.master:
+        write_json(results, args.out)
+        print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
+              + f"; wrote {args.out}")
+        print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
+    cleanup()
+
+
 def main():
     args = get_args()
     encoder, ckpt = load_encoder(args.checkpoint)
@@ -107,6 +176,8 @@ def main():
     ctx = setup(args.batch_size)
     device, master = ctx.device, ctx.master
     args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
+    if args.checkpoint_classifier:
+        return evaluate_checkpoint_classifier(args, encoder, ckpt, ctx)
     per_rank = args.batch_size // ctx.world
     peak_lr = args.lr * args.batch_size / 256
     if args.random_init:

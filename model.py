@@ -17,11 +17,13 @@ of each residual block through the backward pass and recomputes the rest there: 
 same loss, gradients and BatchNorm statistics, in less memory, for about one more
 forward pass of compute.
 """
+import math
 import os
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_FORMAT = "simclr-encoder"  # marks files written by save_encoder / pretrain.py
@@ -78,6 +80,22 @@ def _shortcut(cin, cout, stride):
     return nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
 
 
+class TFSameMaxPool(nn.Module):
+    """3x3 / stride-2 max-pool with TensorFlow's 'SAME' padding, as the official stem.
+
+    TF pads only as much as the output size ceil(n / 2) needs and puts the odd
+    pixel after: at even sizes (112 px for 224 px images) 0 before and 1 after,
+    where nn.MaxPool2d(padding=1) pads 1 on both sides and so shifts every window.
+    """
+
+    def forward(self, x):
+        pads = []
+        for n in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+            total = max((math.ceil(n / 2) - 1) * 2 + 3 - n, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel_size=3, stride=2)
+
+
 ARCHS = {  # block type and blocks per stage
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
@@ -90,7 +108,7 @@ ARCHS = {  # block type and blocks per stage
 class ResNet(nn.Module):
     """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
 
-    def __init__(self, block, layers, width=1, cifar_stem=False, activation_checkpointing=False):
+    def __init__(self, block, layers, width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing  # a run-time choice, not saved in config
         planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
@@ -99,7 +117,8 @@ class ResNet(nn.Module):
             self.maxpool = nn.Identity()
         else:
             self.conv1 = _conv(3, planes[0], 7, stride=2)
-            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            self.maxpool = (TFSameMaxPool() if tf_same_pool
+                            else nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
         cin = planes[0]
@@ -167,8 +186,12 @@ def frozen_running_stats(module):
                 setattr(m, n, b)
 
 
-def build_encoder(arch="resnet50", width=1, cifar_stem=False, activation_checkpointing=False):
+def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False):
     """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
+
+    tf_same_pool=True pads the stem max-pool as TensorFlow's 'SAME' (see
+    TFSameMaxPool): the official checkpoints (convert_official.py) need it for
+    exact features; the default is torchvision's padding. Parameters are the same.
 
     activation_checkpointing: recompute the activations inside the stem and each residual
     block in the backward pass instead of storing them (exact: same gradients and BN
@@ -183,9 +206,11 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, activation_checkpo
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
     block, layers = ARCHS[arch]
-    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem,
+    encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem, tf_same_pool=tf_same_pool,
                      activation_checkpointing=activation_checkpointing)
     encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
+    if tf_same_pool:  # only then, so configs of the default model stay as before
+        encoder.config["tf_same_pool"] = True
     return encoder
 
 
@@ -211,9 +236,17 @@ class ProjectionHead(nn.Module):
         out_bn.bias.requires_grad_(False)  # stays 0: BN without centring, as the official head
         layers += [nn.Linear(dim, out_dim, bias=False), out_bn]
         self.net = nn.Sequential(*layers)
+        self.config = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim, "num_layers": num_layers}
 
     def forward(self, h):
         return self.net(h)
+
+    def first_layers(self, k):
+        """The first k layers as a module: h -> output of layer k (after its ReLU for a hidden
+        layer; z for k = num_layers; h itself for k = 0). SimCLR v2 fine-tunes from k = 1."""
+        if not 0 <= k <= self.config["num_layers"]:
+            raise ValueError(f"the projection head has {self.config['num_layers']} layers; cannot take {k}")
+        return self.net if k == self.config["num_layers"] else self.net[:3 * k]
 
 
 class SimCLR(nn.Module):
@@ -232,7 +265,10 @@ class SimCLR(nn.Module):
 # ----------------------------------------------------------------------------
 # Saving and loading. Two files, both plain dicts that load with
 # torch.load(weights_only=True):
-#   encoder.pt  {"format", "encoder_config", "encoder", "meta"}: what eval scripts need
+#   encoder.pt  {"format", "encoder_config", "encoder", "meta"}: what eval scripts need;
+#               optionally "head_config" + "head" (projection head weights) and
+#               "classifier": {"weight" (C, d), "bias" (C,), "head_layer": k}, a
+#               linear classifier reading the output of head layer k (0: h itself)
 #   ckpt.pt     pretrain.py's resume state; also carries "format",
 #               "encoder_config" and "model" (encoder.* and head.* weights)
 
@@ -258,15 +294,21 @@ def unwrap(module):
             return module
 
 
-def save_encoder(path, encoder, **meta):
-    """Write the encoder-only export read by linear_eval.py and finetune.py."""
+def save_encoder(path, encoder, head=None, classifier=None, **meta):
+    """Write the encoder-only export read by linear_eval.py and finetune.py; with the
+    projection head and a classifier ({"weight", "bias", "head_layer"}) when given."""
     encoder = unwrap(encoder)
-    save_atomic({
+    ckpt = {
         "format": CHECKPOINT_FORMAT,
         "encoder_config": dict(encoder.config),
         "encoder": encoder.state_dict(),
         "meta": meta,
-    }, path)
+    }
+    if head is not None:
+        ckpt["head_config"], ckpt["head"] = dict(unwrap(head).config), unwrap(head).state_dict()
+    if classifier is not None:
+        ckpt["classifier"] = dict(classifier)
+    save_atomic(ckpt, path)
 
 
 class CheckpointError(ValueError):
@@ -308,6 +350,27 @@ def load_encoder(path):
             f"{path}: weights do not match the encoder it describes "
             f"({ckpt['encoder_config']}): {str(e).splitlines()[0]}") from None
     return encoder, ckpt
+
+
+def load_head(path, ckpt):
+    """The projection head a checkpoint carries (encoder.pt "head", or ckpt.pt's head.*
+    weights), in train mode on the CPU, or None when it has none."""
+    if "head" in ckpt:
+        config, state = ckpt["head_config"], ckpt["head"]
+    elif "model" in ckpt and "args" in ckpt:
+        args = ckpt["args"]
+        state = {k[len("head."):]: v for k, v in ckpt["model"].items() if k.startswith("head.")}
+        config = {"in_dim": state["net.0.weight"].shape[1], "hidden_dim": args["proj_hidden_dim"],
+                  "out_dim": args["proj_dim"], "num_layers": args["proj_layers"]}
+    else:
+        return None
+    head = ProjectionHead(**config)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: projection head weights do not match {config}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return head
 
 
 def pretrain_settings(ckpt):

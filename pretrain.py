@@ -230,7 +230,8 @@ def main():
 
     # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
     torch.manual_seed(args.seed)
-    encoder = build_encoder(args.arch, args.width, args.cifar_stem, args.activation_checkpointing)
+    encoder = build_encoder(args.arch, args.width, args.cifar_stem,
+                            activation_checkpointing=args.activation_checkpointing)
     head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
     model = SimCLR(encoder, head)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
@@ -432,8 +433,9 @@ def save(job, epochs_done, step_in_epoch, sums):
         "rng": rng_states(),
         "args": vars(args),
     }, job.ckpt_path)
-    save_encoder(os.path.join(args.out, "encoder.pt"), job.encoder, dataset=args.dataset, data_dir=args.data_dir,
-                 image_size=args.image_size, epoch=epochs_done, step_in_epoch=step_in_epoch, args=vars(args))
+    save_encoder(os.path.join(args.out, "encoder.pt"), job.encoder, head=unwrap(job.model).head, dataset=args.dataset,
+                 data_dir=args.data_dir, image_size=args.image_size, epoch=epochs_done,
+                 step_in_epoch=step_in_epoch, args=vars(args))
 
 
 def stop_and_exit(job, stop, epoch, step_in_epoch, sums):

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torchvision
 
-from model import (CheckpointError, ProjectionHead, SimCLR, build_encoder, load_encoder, read_checkpoint,
-                   save_atomic, save_encoder)
+from model import (CheckpointError, ProjectionHead, SimCLR, TFSameMaxPool, build_encoder, load_encoder, load_head,
+                   read_checkpoint, save_atomic, save_encoder)
 
 
 def n_params(module):
@@ -118,3 +118,59 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     torch.save(ckpt, tmp_path / "mislabelled.pt")
     with pytest.raises(CheckpointError, match="do not match"):
         load_encoder(tmp_path / "mislabelled.pt")
+
+
+@pytest.mark.parametrize("size", [6, 7, 112, 113])
+def test_tf_same_max_pool_pads_as_tensorflow(size):
+    # TF 'SAME', 3x3 / stride 2: output ceil(n / 2); the padding that needs, odd pixel after
+    # (even n: 0 before, 1 after; odd n: 1 and 1). Padded cells never win (-inf).
+    x = torch.randn(2, 3, size, size)
+    after = 1
+    before = 0 if size % 2 == 0 else 1
+    ref = torch.nn.functional.max_pool2d(
+        torch.nn.functional.pad(x, (before, after, before, after), value=float("-inf")), 3, 2)
+    out = TFSameMaxPool()(x)
+    assert out.shape[-1] == (size + 1) // 2
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    if size % 2 == 0:  # where torchvision's padding=1 differs
+        assert not torch.equal(out, torch.nn.MaxPool2d(3, 2, padding=1)(x))
+
+
+def test_tf_same_pool_is_recorded_and_keeps_the_parameters(tmp_path):
+    enc = build_encoder("resnet18", width=0.25, tf_same_pool=True)
+    assert enc.config["tf_same_pool"] is True and isinstance(enc.maxpool, TFSameMaxPool)
+    assert "tf_same_pool" not in build_encoder("resnet18", width=0.25).config  # default unchanged
+    save_encoder(tmp_path / "tf.pt", enc)
+    assert isinstance(load_encoder(tmp_path / "tf.pt")[0].maxpool, TFSameMaxPool)
+    old = build_encoder("resnet18", width=0.25)  # same parameters, torchvision padding
+    old.load_state_dict(enc.state_dict())
+
+
+def test_head_and_classifier_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", width=0.25)
+    head = ProjectionHead(enc.feature_dim, hidden_dim=32, out_dim=16, num_layers=3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p))
+    classifier = {"weight": torch.randn(5, 32), "bias": torch.randn(5), "head_layer": 1}
+    save_encoder(tmp_path / "encoder.pt", enc, head=head, classifier=classifier)
+    _, ckpt = load_encoder(tmp_path / "encoder.pt")
+    loaded = load_head(tmp_path / "encoder.pt", ckpt).eval()
+    h = torch.randn(4, enc.feature_dim)
+    torch.testing.assert_close(loaded(h), head.eval()(h), rtol=0, atol=0)
+    assert torch.equal(ckpt["classifier"]["weight"], classifier["weight"]) and ckpt["classifier"]["head_layer"] == 1
+    # layer k's output: h at 0, after the hidden layer's ReLU at 1, z at num_layers
+    assert torch.equal(loaded.first_layers(0)(h), h)
+    assert torch.equal(loaded.first_layers(1)(h), torch.relu(head.net[1](head.net[0](h))))
+    torch.testing.assert_close(loaded.first_layers(3)(h), head(h), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="has 3 layers"):
+        loaded.first_layers(4)
+    # without a head (older exports) there is none; ckpt.pt carries it in "model" + "args"
+    save_encoder(tmp_path / "plain.pt", enc)
+    assert load_head(tmp_path / "plain.pt", load_encoder(tmp_path / "plain.pt")[1]) is None
+    model = SimCLR(enc, head)
+    save_atomic({"format": "simclr-encoder", "encoder_config": enc.config, "model": model.state_dict(),
+                 "args": {"proj_hidden_dim": 32, "proj_dim": 16, "proj_layers": 3}}, tmp_path / "ckpt.pt")
+    from_full = load_head(tmp_path / "ckpt.pt", load_encoder(tmp_path / "ckpt.pt")[1]).eval()
+    torch.testing.assert_close(from_full(h), head(h), rtol=0, atol=0)

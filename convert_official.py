@@ -1,0 +1,377 @@
+"""Convert the official SimCLR v1/v2 TensorFlow checkpoints to this project's encoder.pt.
+
+    python convert_official.py r50_1x/model.ckpt-225206 r50_1x.pt
+    python linear_eval.py r50_1x.pt --dataset imagefolder --data-dir /data/imagenet --checkpoint-classifier
+    python convert_official.py finetuned_10pct/r50_2x_sk0/model.ckpt-NNNN r50_2x_ft10.pt   # --head-layer 1 implied
+
+Reads the `.index` + `.data-*` files of a checkpoint written by the official
+TF1 code (google-research/simclr, root folder): the SimCLR v1 zips (ResNet-50
+1x/2x/4x) and the v2 `pretrained`, `finetuned_*` and `supervised` folders
+(ResNet-50/101/152, 1x/2x/3x, sk0). No TensorFlow is needed: the index is a
+LevelDB table of BundleEntryProto records, parsed below with numpy and the
+standard library.
+
+Layers are matched by the order in which the official resnet.py creates them
+(stem, then per block: projection shortcut, conv1, conv2, conv3, with BN after
+each), which fixes TF's auto-numbered names conv2d, conv2d_1, ...; every shape
+is checked against the rebuilt PyTorch module. The encoder is rebuilt exactly:
+TF's 'SAME' stem max-pool (tf_same_pool=True in its config); BN epsilon 1e-5
+and the explicit conv padding already agree. Also carried over: the projection
+head (head_contrastive, v2: three layers) and the supervised linear head
+(head_supervised) as "classifier", which reads h (--head-layer 0: v1,
+v2 pretrained and supervised) or the output of projection-head layer 1 (v2
+fine-tuned checkpoints, the official ft_proj_selector=1). Optimizer slots
+(Momentum), EMA copies and global_step are skipped. Selective-kernel (sk1)
+checkpoints and layouts other than these are refused with one line.
+"""
+import argparse
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+
+from model import ProjectionHead, build_encoder, save_encoder
+
+
+class ConvertError(ValueError):
+    """Input this converter cannot read or does not support; printed as one line."""
+
+
+# ----------------------------------------------------------------------------
+# Reading a TensorFlow checkpoint: the index is a LevelDB-format table (blocks of
+# prefix-compressed key/value entries, an index block, a 48-byte footer) whose
+# values are BundleEntryProto messages; tensors are raw bytes in the data shards.
+
+TABLE_MAGIC = 0xdb4775248b80fb57
+DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8, 9: np.int64,
+          10: np.bool_, 19: np.float16}  # TF DataType enum values
+
+
+def _varint(buf, pos):
+    """-> (unsigned value, next position)."""
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ConvertError("truncated varint in checkpoint index")
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _proto_fields(buf):
+    """Protocol-buffer wire format -> {field number: [values]} (ints, or bytes for length-delimited)."""
+    fields, pos = {}, 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = bytes(buf[pos:pos + n]), pos + n
+        elif wire == 5:
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        else:
+            raise ConvertError(f"unsupported protobuf wire type {wire} in checkpoint index")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _block(data, handle):
+    """One table block (offset, size) -> its (key, value) entries."""
+    offset, size = handle
+    if offset + size + 5 > len(data):
+        raise ConvertError("checkpoint index is truncated (a block lies past its end)")
+    if data[offset + size] != 0:  # trailer: compression type, then a crc32c
+        raise ConvertError("checkpoint index uses a compressed block (snappy); only uncompressed tables are read")
+    block = data[offset:offset + size]
+    num_restarts = int.from_bytes(block[-4:], "little")
+    end = len(block) - 4 * (num_restarts + 1)  # entries stop where the restart array begins
+    entries, pos, key = [], 0, b""
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        value_len, pos = _varint(block, pos)
+        key = key[:shared] + bytes(block[pos:pos + unshared])
+        pos += unshared
+        entries.append((key, bytes(block[pos:pos + value_len])))
+        pos += value_len
+    return entries
+
+
+def _handle(buf, pos=0):
+    offset, pos = _varint(buf, pos)
+    size, pos = _varint(buf, pos)
+    return (offset, size), pos
+
+
+class TFCheckpoint:
+    """The tensors of a TF checkpoint `prefix` (prefix.index, prefix.data-*), read lazily.
+
+    .shapes: {name: shape}; .read(name) -> numpy array. Sizes are checked
+    (dtype x shape against the stored byte count); crc32c is not.
+    """
+
+    def __init__(self, prefix):
+        index = prefix + ".index"
+        if not os.path.isfile(index):
+            raise ConvertError(f"no TensorFlow checkpoint at {prefix} (expected {index} and {prefix}.data-*)")
+        with open(index, "rb") as f:
+            data = f.read()
+        if len(data) < 48 or int.from_bytes(data[-8:], "little") != TABLE_MAGIC:
+            raise ConvertError(f"{index} is not a TensorFlow checkpoint index (bad table footer)")
+        _, pos = _handle(data[-48:])  # the metaindex block: unused by TF
+        index_handle, _ = _handle(data[-48:], pos)
+        self.prefix, self.entries, header = prefix, {}, None
+        for _, block_handle in _block(data, index_handle):
+            for key, value in _block(data, _handle(block_handle)[0]):
+                if key == b"":
+                    header = _proto_fields(value)  # BundleHeaderProto: num_shards, endianness, version
+                else:
+                    self.entries[key.decode()] = self._entry(key.decode(), value)
+        if header is None:
+            raise ConvertError(f"{index} has no bundle header: not a TF2-era (V2) checkpoint index")
+        if header.get(2, [0])[0] != 0:
+            raise ConvertError(f"{index} stores big-endian tensors; only little-endian is read")
+        self.num_shards = header.get(1, [1])[0]
+        self.shapes = {name: e["shape"] for name, e in self.entries.items()}
+
+    @staticmethod
+    def _entry(name, value):
+        """BundleEntryProto: dtype 1, shape 2, shard_id 3, offset 4, size 5, crc32c 6, slices 7."""
+        f = _proto_fields(value)
+        if 7 in f:
+            raise ConvertError(f"tensor {name} is stored in slices (partitioned variable); not supported")
+        shape = []
+        if 2 in f:
+            for dim in _proto_fields(f[2][0]).get(2, []):
+                shape.append(_proto_fields(dim).get(1, [0])[0])
+        return {"dtype": f.get(1, [0])[0], "shape": tuple(shape), "shard": f.get(3, [0])[0],
+                "offset": f.get(4, [0])[0], "size": f.get(5, [0])[0]}
+
+    def read(self, name):
+        e = self.entries[name]
+        if e["dtype"] not in DTYPES:
+            raise ConvertError(f"tensor {name} has TF dtype {e['dtype']}, which this reader does not handle")
+        dtype = np.dtype(DTYPES[e["dtype"]]).newbyteorder("<")
+        count = int(np.prod(e["shape"], dtype=np.int64))
+        if count * dtype.itemsize != e["size"]:
+            raise ConvertError(f"tensor {name}: {e['size']} bytes stored for shape {e['shape']} of {dtype}")
+        path = f"{self.prefix}.data-{e['shard']:05d}-of-{self.num_shards:05d}"
+        if not os.path.isfile(path):
+            raise ConvertError(f"missing data file {path}")
+        if os.path.getsize(path) < e["offset"] + e["size"]:
+            raise ConvertError(f"{path} is truncated: tensor {name} lies past its end")
+        array = np.fromfile(path, dtype=dtype, count=count, offset=e["offset"])
+        return array.reshape(e["shape"]).astype(dtype.newbyteorder("="))
+
+
+# ----------------------------------------------------------------------------
+# The official layout. Names are the TF1 ones under the scopes of the official
+# model.py: base_model/ (resnet.py), head_contrastive/ and head_supervised/ (model_util.py).
+
+SKIPPED_PARTS = {"Momentum", "ExponentialMovingAverage", "Adam", "Adam_1", "RMSProp", "RMSProp_1", "LARSOptimizer"}
+MODEL_SCOPES = ("base_model/", "head_contrastive/", "head_supervised/")
+DEPTHS = {53: "resnet50", 104: "resnet101", 155: "resnet152"}  # convolutions -> arch (bottleneck ResNets)
+BN_PARAMS = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"), ("moving_variance", "running_var"))
+
+
+def skipped(name):
+    """Optimizer slots, EMA copies and counters: not part of the model."""
+    parts = name.split("/")
+    return (name == "global_step" or parts[0] in ("beta1_power", "beta2_power")
+            or any(p in SKIPPED_PARTS or p.endswith("ExponentialMovingAverage") for p in parts))
+
+
+def _tf_name(kind, i):  # the i-th layer of a kind: conv2d, conv2d_1, conv2d_2, ...
+    return kind if i == 0 else f"{kind}_{i}"
+
+
+def creation_order(encoder):
+    """Our conv and BN module names in the order the official resnet.py creates its layers."""
+    convs, bns = ["conv1"], ["bn1"]
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for j, block in enumerate(getattr(encoder, stage)):
+            prefix = f"{stage}.{j}."
+            if block.downsample is not None:  # the projection shortcut comes first in each block
+                convs.append(prefix + "downsample.0")
+                bns.append(prefix + "downsample.1")
+            convs += [prefix + "conv1", prefix + "conv2", prefix + "conv3"]
+            bns += [prefix + "bn1", prefix + "bn2", prefix + "bn3"]
+    return convs, bns
+
+
+def plan(shapes, head_layer=0):
+    """Map a checkpoint's {name: shape} onto our modules.
+
+    -> (encoder_config, head_config or None, classes or None, [(tf name, target, key, transpose)])
+    with target "encoder", "head" or "classifier". Raises ConvertError for layouts
+    other than the official sk0 ResNet-50/101/152 with its heads.
+    """
+    model = {n: s for n, s in shapes.items() if not skipped(n)}
+    base = {n: s for n, s in model.items() if n.startswith("base_model/")}
+    stem = base.get("base_model/conv2d/kernel")
+    if stem is None or len(stem) != 4:
+        raise ConvertError("no base_model/conv2d/kernel: not a checkpoint of the official SimCLR (TF1) code")
+    second = base.get("base_model/conv2d_1/kernel")
+    if stem[:3] == (3, 3, 3) and second is not None and second[:2] == (3, 3):
+        raise ConvertError("this is a selective-kernel (sk1) checkpoint (ResNet-D stem, SK convolutions), "
+                           "which this converter does not support; use an sk0 checkpoint")
+    if stem[:3] not in ((7, 7, 3), (3, 3, 3)):
+        raise ConvertError(f"unexpected stem kernel {stem}: not an official SimCLR ResNet")
+    n_convs = sum(n.endswith("/kernel") and "/conv2d" in n for n in base)
+    if n_convs not in DEPTHS:
+        raise ConvertError(f"{n_convs} convolutions in base_model: only the official ResNet-50/101/152 (sk0) "
+                           "layouts are supported (ResNet-18/34 and SK/SE variants are not)")
+    config = {"arch": DEPTHS[n_convs], "width": stem[3] / 64, "cifar_stem": stem[0] == 3}
+    if config["width"] == int(config["width"]):
+        config["width"] = int(config["width"])
+    if not config["cifar_stem"]:
+        config["tf_same_pool"] = True
+    with torch.device("meta"):  # shapes only, no memory, even for ResNet-152 3x
+        encoder = build_encoder(**config)
+    ours = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+
+    mapping, used = [], set()
+
+    def take(tf_name, target, key, expected, transpose):
+        shape = model.get(tf_name)
+        if shape is None:
+            raise ConvertError(f"missing variable {tf_name} for a {config['arch']} {config['width']}x layout")
+        if transpose == "conv":
+            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
+        elif transpose == "dense":
+            shape = tuple(reversed(shape))
+        if shape != expected:
+            raise ConvertError(f"variable {tf_name} has shape {model[tf_name]}, expected {expected} "
+                               f"(as {key}) for a {config['arch']} {config['width']}x layout")
+        mapping.append((tf_name, target, key, transpose))
+        used.add(tf_name)
+
+    convs, bns = creation_order(encoder)
+    for i, m in enumerate(convs):
+        take(f"base_model/{_tf_name('conv2d', i)}/kernel", "encoder", m + ".weight", ours[m + ".weight"], "conv")
+    for i, m in enumerate(bns):
+        for tf_param, param in BN_PARAMS:
+            take(f"base_model/{_tf_name('batch_normalization', i)}/{tf_param}", "encoder", f"{m}.{param}",
+                 ours[f"{m}.{param}"], None)
+
+    head_config = None
+    scope = "head_contrastive/nl_{}"  # the official nonlinear head (proj_head_mode 'nonlinear', as released)
+    num_layers = 0
+    while f"{scope.format(num_layers)}/dense/kernel" in model:
+        num_layers += 1
+    if num_layers:
+        first, last = model[f"{scope.format(0)}/dense/kernel"], model[f"{scope.format(num_layers - 1)}/dense/kernel"]
+        head_config = {"in_dim": encoder.feature_dim, "hidden_dim": first[1], "out_dim": last[1],
+                       "num_layers": num_layers}
+        with torch.device("meta"):
+            head = {k: tuple(v.shape) for k, v in ProjectionHead(**head_config).state_dict().items()}
+        for j in range(num_layers):
+            layer = scope.format(j)
+            take(f"{layer}/dense/kernel", "head", f"net.{3 * j}.weight", head[f"net.{3 * j}.weight"], "dense")
+            for tf_param, param in BN_PARAMS:
+                if tf_param == "beta" and j == num_layers - 1:
+                    continue  # the output BN has no shift (center=False); ours stays 0
+                key = f"net.{3 * j + 1}.{param}"
+                take(f"{layer}/batch_normalization/{tf_param}", "head", key, head[key], None)
+
+    classes = None
+    kernel = model.get("head_supervised/linear_layer/dense/kernel")
+    if kernel is not None:
+        classes = kernel[1]
+        if not 0 <= head_layer <= num_layers:
+            raise ConvertError(f"--head-layer {head_layer}: the checkpoint's projection head has {num_layers} layers")
+        in_dim = (encoder.feature_dim if head_layer == 0 else
+                  head_config["out_dim"] if head_layer == num_layers else head_config["hidden_dim"])
+        take("head_supervised/linear_layer/dense/kernel", "classifier", "weight", (classes, in_dim), "dense")
+        take("head_supervised/linear_layer/dense/bias", "classifier", "bias", (classes,), None)
+
+    unknown = sorted(n for n in model if n not in used and n.startswith(MODEL_SCOPES))
+    if unknown:
+        raise ConvertError(f"{len(unknown)} variables of an unknown layout, e.g. {', '.join(unknown[:3])}: "
+                           "only the official sk0 ResNet with its heads is supported")
+    return config, head_config, classes, mapping
+
+
+def _to_torch(array, transpose):
+    if transpose == "conv":  # TF (H, W, in, out) -> PyTorch (out, in, H, W)
+        array = array.transpose(3, 2, 0, 1)
+    elif transpose == "dense":  # TF (in, out) -> PyTorch (out, in)
+        array = array.T
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def convert(prefix, out, head_layer=None):
+    """Convert checkpoint `prefix` to encoder.pt `out`; returns a one-line summary."""
+    ckpt = TFCheckpoint(prefix)
+    if head_layer is None:  # the official fine-tuned v2 models read projection-head layer 1
+        head_layer = 1 if "finetuned" in os.path.abspath(prefix) else 0
+    config, head_config, classes, mapping = plan(ckpt.shapes, head_layer)
+    encoder = build_encoder(**config)
+    head = ProjectionHead(**head_config) if head_config else None
+    states = {"encoder": encoder.state_dict(), "head": head.state_dict() if head else None}
+    classifier = {"head_layer": head_layer} if classes else None
+    for tf_name, target, key, transpose in mapping:
+        value = _to_torch(ckpt.read(tf_name), transpose)
+        if target == "classifier":
+            classifier[key] = value
+        else:
+            states[target][key].copy_(value)  # state_dict tensors share storage with the module
+    step = int(ckpt.read("global_step")) if "global_step" in ckpt.shapes else None
+    meta = {"source": "google-research/simclr TF1 checkpoint", "tf_checkpoint": os.path.abspath(prefix),
+            "tf_global_step": step}
+    if not config["cifar_stem"]:
+        meta.update(dataset="imagefolder", image_size=224)
+    save_encoder(out, encoder, head=head, classifier=classifier, **meta)
+    skipped_names = [n for n in ckpt.shapes if skipped(n)]
+    other = [n for n in ckpt.shapes if not skipped(n) and n not in {m[0] for m in mapping}]
+    return (f"{config['arch']} {config['width']}x ({encoder.feature_dim}-d features, config {config}); "
+            + (f"projection head {head_config['num_layers']} layers; " if head else "no projection head; ")
+            + (f"classifier {classes} classes on head layer {head_layer}; " if classes else "no classifier; ")
+            + f"{len(mapping)} tensors converted, {len(skipped_names)} optimizer/EMA/step entries skipped"
+            + (f", {len(other)} others ignored ({', '.join(other[:3])})" if other else "") + f"; wrote {out}")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="TF checkpoint prefix, e.g. r50_1x/model.ckpt-225206 (or its .index file, "
+                                      "or the folder holding one)")
+    p.add_argument("out", help="encoder.pt to write")
+    p.add_argument("--head-layer", type=int, default=None,
+                   help="projection-head layer the stored classifier reads (official ft_proj_selector): 0 = h "
+                        "(v1, v2 pretrained/supervised), 1 = v2 finetuned_*; default: 1 if the path names "
+                        "'finetuned', else 0")
+    return p.parse_args(argv)
+
+
+def resolve_prefix(path):
+    """Accept the prefix, its .index / .data-* file, or a folder with one checkpoint."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "*.index")))
+        if len(found) != 1:
+            raise ConvertError(f"{path} holds {len(found)} checkpoint indexes; give the prefix (model.ckpt-NNNN)")
+        path = found[0]
+    for suffix in (".index", ".meta"):
+        if path.endswith(suffix):
+            return path[:-len(suffix)]
+    return path.split(".data-")[0] if ".data-" in path else path
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        print(convert(resolve_prefix(args.checkpoint), args.out, args.head_layer), flush=True)
+    except (ConvertError, OSError) as e:
+        sys.exit(f"convert_official.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

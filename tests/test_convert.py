@@ -1,0 +1,225 @@
+"""convert_official.py against TensorFlow: a checkpoint TensorFlow wrote from the official
+SimCLR code (narrow ResNet-50 with the v2 heads) and TensorFlow's own outputs on it, plus
+the variable lists of the released layouts at full size. No TensorFlow needed here:
+tests/fixtures/make_official_fixture.py made the files."""
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from convert_official import ConvertError, TFCheckpoint, convert, plan
+from model import build_encoder, load_encoder, load_head
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_r50_w0125", "model.ckpt-0")
+LAYOUTS = os.path.join(ROOT, "tests", "fixtures", "official_layouts.json.gz")
+
+
+@pytest.fixture(scope="module")
+def tf_outputs():
+    return dict(np.load(FIXTURE + ".outputs.npz"))
+
+
+def manifests():
+    with gzip.open(LAYOUTS, "rt") as f:
+        return {name: {n: tuple(s) for n, s in variables} for name, variables in json.load(f).items()}
+
+
+def torch_outputs(path, images_nhwc, encoder_config=None):
+    """h, z, head layer 1 and the stored classifier's logits of a converted checkpoint, eval mode."""
+    encoder, ckpt = load_encoder(path)
+    if encoder_config is not None:  # same weights, another architecture variant
+        state = encoder.state_dict()
+        encoder = build_encoder(**encoder_config)
+        encoder.load_state_dict(state)
+    head = load_head(path, ckpt).eval()
+    x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)  # TF NHWC -> NCHW
+    c = ckpt["classifier"]
+    with torch.no_grad():
+        h = encoder.eval()(x)
+        out = {"h": h, "z": head(h), "head1": head.first_layers(1)(h)}
+        out["logits"] = head.first_layers(c["head_layer"])(h) @ c["weight"].T + c["bias"]
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def max_diff(a, b):
+    return float(np.abs(a - b).max())
+
+
+def test_index_reader_lists_what_tensorflow_saved(tf_outputs):
+    ckpt = TFCheckpoint(FIXTURE)
+    saved = {n: tuple(s) for n, s in json.loads(str(tf_outputs["variables"])).items()}  # from tf.global_variables()
+    assert ckpt.shapes == saved and len(saved) == 288
+    assert ckpt.read("global_step").dtype == np.int64 and int(ckpt.read("global_step")) == 0
+    kernel = ckpt.read("base_model/conv2d/kernel")
+    assert kernel.shape == (7, 7, 3, 8) and kernel.dtype == np.float32 and np.abs(kernel).max() > 0
+
+
+@pytest.mark.parametrize("head_layer", [0, 1])
+def test_converted_network_computes_what_tensorflow_computes(tmp_path, tf_outputs, head_layer):
+    result = run_script(["convert_official.py", FIXTURE, "out.pt", "--head-layer", str(head_layer)], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "7 optimizer/EMA/step entries skipped" in result.stdout  # Momentum, EMA copies, global_step
+    ours = torch_outputs(tmp_path / "out.pt", tf_outputs["images_nhwc"])
+    ref = dict(tf_outputs, logits=tf_outputs[f"logits_from_{head_layer}"])
+    for k in ("h", "z", "head1", "logits"):  # float32 rounding: TF and PyTorch sum in different orders
+        assert max_diff(ours[k], ref[k]) < 1e-5 * max(1.0, np.abs(ref[k]).max()), (k, max_diff(ours[k], ref[k]))
+    _, ckpt = load_encoder(tmp_path / "out.pt")
+    assert ckpt["encoder_config"] == {"arch": "resnet50", "width": 0.125, "cifar_stem": False, "tf_same_pool": True}
+    assert ckpt["head_config"] == {"in_dim": 256, "hidden_dim": 256, "out_dim": 128, "num_layers": 3}
+    assert ckpt["classifier"]["weight"].shape == (10, 256) and ckpt["classifier"]["head_layer"] == head_layer
+    assert ckpt["meta"]["dataset"] == "imagefolder" and ckpt["meta"]["image_size"] == 224
+
+
+def test_torchvision_max_pool_padding_is_what_breaks_equality(tmp_path, tf_outputs):
+    convert(FIXTURE, tmp_path / "out.pt")
+    plain = {"arch": "resnet50", "width": 0.125, "cifar_stem": False}  # padding=1 on both sides
+    ours = torch_outputs(tmp_path / "out.pt", tf_outputs["images_nhwc"], plain)
+    assert max_diff(ours["h"], tf_outputs["h"]) > 1e-2
+
+
+def test_layers_follow_the_official_creation_order_not_sorted_names():
+    shapes = manifests()["v2_r50_1x_sk0"]
+    _, _, _, mapping = plan(shapes)
+    where = {tf_name: (target, key) for tf_name, target, key, _ in mapping}
+    assert where["base_model/conv2d/kernel"] == ("encoder", "conv1.weight")
+    assert where["base_model/conv2d_1/kernel"] == ("encoder", "layer1.0.downsample.0.weight")  # shortcut first
+    assert where["base_model/conv2d_2/kernel"] == ("encoder", "layer1.0.conv1.weight")
+    assert where["base_model/conv2d_10/kernel"] == ("encoder", "layer1.2.conv3.weight")  # sorts before conv2d_2
+    assert where["base_model/batch_normalization_2/gamma"] == ("encoder", "layer1.0.bn1.weight")
+    assert where["base_model/conv2d_52/kernel"] == ("encoder", "layer4.2.conv3.weight")
+    assert where["head_contrastive/nl_2/batch_normalization/gamma"] == ("head", "net.7.weight")
+    assert where["head_supervised/linear_layer/dense/bias"] == ("classifier", "bias")
+
+
+@pytest.mark.parametrize("name", ["v1_r50_1x", "v1_r50_2x", "v1_r50_4x"] + [
+    f"v2_r{d}_{w}x_sk0" for d in (50, 101, 152) for w in (1, 2, 3)])
+def test_every_released_layout_maps_completely_at_full_size(name):
+    shapes = manifests()[name]
+    config, head_config, classes, mapping = plan(shapes)
+    depth, width = name.split("_")[1][1:], int(name.split("_")[2][0])
+    assert config == {"arch": f"resnet{depth}", "width": width, "cifar_stem": False, "tf_same_pool": True}
+    assert classes == 1000 and len(mapping) == len(shapes)  # every variable used, each once
+    assert len({(t, k) for _, t, k, _ in mapping}) == len(mapping)
+    if name.startswith("v1"):
+        assert head_config is None  # the v1 zips carry no projection head
+    else:
+        assert head_config == {"in_dim": 2048 * width, "hidden_dim": 2048 * width, "out_dim": 128, "num_layers": 3}
+    with torch.device("meta"):
+        expected = {k for k in build_encoder(**config).state_dict() if not k.endswith("num_batches_tracked")}
+    assert {k for _, t, k, _ in mapping if t == "encoder"} == expected
+
+
+def test_selective_kernels_and_unknown_layouts_are_refused():
+    layouts = manifests()
+    with pytest.raises(ConvertError, match="selective-kernel"):
+        plan(layouts["v2_r50_1x_sk1"])
+    shapes = dict(layouts["v2_r50_1x_sk0"])
+    shapes["base_model/conv2d_7/bias"] = (64,)
+    with pytest.raises(ConvertError, match="unknown layout.*conv2d_7/bias"):
+        plan(shapes)
+    shapes = dict(layouts["v2_r50_1x_sk0"])
+    shapes["base_model/conv2d_7/kernel"] = (3, 3, 64, 65)
+    with pytest.raises(ConvertError, match="conv2d_7/kernel has shape"):
+        plan(shapes)
+    with pytest.raises(ConvertError, match="head has 3 layers"):
+        plan(layouts["v2_r50_1x_sk0"], head_layer=4)
+    with pytest.raises(ConvertError, match="not a checkpoint of the official"):
+        plan({"foo/kernel": (3, 3)})
+
+
+@pytest.mark.parametrize("damage,text", [
+    ("missing", "no TensorFlow checkpoint at"),
+    ("garbage_index", "not a TensorFlow checkpoint index"),
+    ("truncated_data", "is truncated"),
+    ("missing_data", "missing data file"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, damage, text):
+    prefix = tmp_path / "model.ckpt-0"
+    if damage != "missing":
+        for suffix in (".index", ".data-00000-of-00001"):
+            shutil.copy(FIXTURE + suffix, str(prefix) + suffix)
+    data = str(prefix) + ".data-00000-of-00001"
+    if damage == "garbage_index":
+        (tmp_path / "model.ckpt-0.index").write_bytes(b"\0" * 100)
+    elif damage == "truncated_data":
+        with open(data, "r+b") as f:
+            f.truncate(os.path.getsize(data) // 2)
+    elif damage == "missing_data":
+        os.remove(data)
+    result = run_script(["convert_official.py", prefix, "out.pt"], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "convert_official.py: error:" in line]
+    assert len(errors) == 1 and text in errors[0], result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+SYNTHETIC = ["--dataset", "synthetic", "--image-size", "64", "--synthetic-size", "64", "--workers", "0",
+             "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The fixture converted twice: classifier on h, and on head layer 1 (as v2 fine-tuned)."""
+    folder = tmp_path_factory.mktemp("converted")
+    convert(FIXTURE, folder / "h.pt", head_layer=0)
+    convert(FIXTURE, folder / "layer1.pt", head_layer=1)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["h.pt", "layer1.pt"])
+def test_linear_eval_scores_the_stored_classifier_without_training(converted, tmp_path, name):
+    import data
+    from augment import EvalTransform
+    result = run_script(["linear_eval.py", converted / name, *SYNTHETIC, "--checkpoint-classifier",
+                         "--out", "r.json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("top-1 accuracy: ")
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["protocol"] == "checkpoint_classifier" and res["test_images"] == 16 and not res["amp"]
+    # the same top-1, computed here from the stored weights
+    test = data.build_dataset("synthetic", "data", "test", 64, 64)
+    x = torch.stack([EvalTransform(64, train=False)(test[i][0]) for i in range(len(test))])
+    y = torch.as_tensor(data.labels_of(test))
+    encoder, ckpt = load_encoder(converted / name)
+    c = ckpt["classifier"]
+    with torch.no_grad():
+        feats = load_head(converted / name, ckpt).eval().first_layers(c["head_layer"])(encoder.eval()(x))
+        pred = (feats @ c["weight"].T + c["bias"]).argmax(1)
+    assert res["top1"] == pytest.approx(100 * (pred == y).float().mean().item())
+    assert res["head_layer"] == c["head_layer"]
+
+
+def test_finetune_from_the_first_head_layer(converted, tmp_path):
+    import finetune
+    args = finetune.get_args([str(converted / "h.pt"), "--from-head-layer", "1"])
+    encoder, ckpt = load_encoder(converted / "h.pt")
+    trunk, dim = finetune.head_layers(args, encoder, finetune.kept_head(args, ckpt))
+    head = load_head(converted / "h.pt", ckpt)
+    assert dim == 256 and trunk[0] is encoder
+    assert [type(m) for m in trunk[1]] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
+    assert torch.equal(trunk[1][0].weight, head.net[0].weight)  # kept from the checkpoint, trained with the rest
+    result = run_script(["finetune.py", converted / "h.pt", *SYNTHETIC, "--label-fraction", "0.5", "--epochs", "1",
+                         "--from-head-layer", "1", "--out", "f.json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    res = json.loads((tmp_path / "f.json").read_text())
+    assert res["from_head_layer"] == 1 and 0 <= res["top1"] <= 100
+
+
+@pytest.mark.parametrize("script,args,text", [
+    ("linear_eval.py", ["PLAIN", *SYNTHETIC, "--checkpoint-classifier"], "stores no classifier"),
+    ("finetune.py", ["PLAIN", *SYNTHETIC, "--from-head-layer", "1"], "carries no projection head"),
+    ("finetune.py", ["CONVERTED", *SYNTHETIC, "--from-head-layer", "4"], "has 3 layers"),
+])
+def test_missing_classifier_or_head_is_one_clear_line(converted, tmp_path, script, args, text):
+    from model import save_encoder
+    save_encoder(tmp_path / "plain.pt", build_encoder("resnet18", width=0.25), dataset="synthetic")
+    paths = {"PLAIN": tmp_path / "plain.pt", "CONVERTED": converted / "h.pt"}
+    result = run_script([script, *[paths.get(a, a) for a in args]], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if f"{script}: error:" in line]
+    assert len(errors) == 1 and text in errors[0], result.stderr
