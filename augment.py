@@ -6,7 +6,9 @@ mean/std normalisation.
 
 The work is split in two stages so that the expensive part can run in batches
 wherever the images live:
-  CropFlip    per image, on a PIL image or uint8 tensor -> uint8 (3, size, size)
+  CropFlip    per image, on a PIL image or uint8 tensor -> uint8 (3, size, size);
+              the crop box drawn as TensorFlow draws it for the official code, or
+              area-uniform as torchvision (crop_sampler="inception")
   distort     per batch, float (B, 3, size, size) in [0, 1], any device: colour
               jitter (p=0.8, the four operations in a random order per image),
               grayscale (p=0.2), Gaussian blur (p=0.5), each image drawing its
@@ -17,6 +19,7 @@ wherever the images live:
     x1, x2 = views(pil_image)           # two float (3, 224, 224) tensors in [0, 1]
 """
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -213,10 +216,76 @@ def _to_uint8_tensor(img):
     return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
 
 
-def random_resized_crop_params(height, width, scale, ratio, generator=None, attempts=100):
+CROP_SAMPLERS = ("official", "inception")
+
+
+def _f32(x):
+    """x rounded to the nearest float32, as a Python float (for TensorFlow's float arithmetic:
+    +, -, *, / and sqrt of float32 operands done in float64 and rounded once are exact)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def official_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
+                         attempts=100, min_covered=0.1):
+    """Crop box (top, left, h, w) drawn as tf.image.sample_distorted_bounding_box draws it with the
+    official SimCLR settings (whole image as the object box, min_object_covered 0.1, 100 attempts).
+
+    Per attempt: aspect ratio w/h ~ U(ratio) (not log-uniform); the height is uniform over the whole
+    numbers between the heights that give the smallest and the largest allowed area at that aspect,
+    w = round(h * aspect); a box outside the area range after one repair step, or covering less
+    than min_covered of the image, is rejected. No success in `attempts`: the whole image. The
+    arithmetic is TensorFlow's float32 with round-half-to-even, so the boxes are its boxes.
+    Offsets are uniform in [0, H - h) and [0, W - w) (TensorFlow's: a smaller box never touches
+    the bottom or right edge).
+    """
+    lo_ratio, hi_ratio = _f32(ratio[0]), _f32(ratio[1])
+    min_area = _f32(_f32(_f32(scale[0]) * width) * height)
+    max_area = _f32(_f32(_f32(scale[1]) * width) * height)
+    image_area, min_covered = float(width * height), _f32(min_covered)
+    for _ in range(attempts):
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        u0 = math.floor(u[0] * 2 ** 24) / 2 ** 24  # a float32 in [0, 1), like Philox's RandFloat
+        aspect = _f32(_f32(u0 * _f32(hi_ratio - lo_ratio)) + lo_ratio)
+        h = round(_f32(math.sqrt(_f32(min_area / aspect))))  # round(): half to even, as lrintf
+        max_h = round(_f32(math.sqrt(_f32(max_area / aspect))))
+        if round(_f32(max_h * aspect)) > width:  # the tallest box whose rounded width still fits
+            max_h = int((width + 0.5 - _f32(1e-7)) / aspect)
+            if round(_f32(max_h * aspect)) > width:
+                max_h -= 1
+        max_h = min(max_h, height)
+        if h >= max_h:
+            h = max_h
+        else:
+            h += _uniform_int(u[1], max_h - h + 1)  # closed range [h, max_h]
+        w = round(_f32(h * aspect))
+        area = float(w * h)
+        if area < min_area:  # rounding made it too small: one pixel taller
+            h += 1
+            w = round(_f32(h * aspect))
+            area = float(w * h)
+        if area > max_area:  # too large: one pixel shorter
+            h -= 1
+            w = round(_f32(h * aspect))
+            area = float(w * h)
+        if area < min_area or area > max_area or not (0 < w <= width and 0 < h <= height):
+            continue
+        if area < 1.0 or _f32(area / image_area) < min_covered:  # the min_object_covered test
+            continue
+        top = _uniform_int(u[2], height - h) if h < height else 0
+        left = _uniform_int(u[3], width - w) if w < width else 0
+        return top, left, h, w
+    return 0, 0, height, width
+
+
+def _uniform_int(u, n):
+    """A whole number uniform in [0, n) from u uniform in [0, 1)."""
+    return min(int(u * n), n - 1)
+
+
+def inception_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, attempts=100):
     """Crop box (top, left, h, w): area fraction ~ U(scale), log aspect ratio ~ U(log ratio),
-    retried until it fits (Inception-style; the official code makes up to 100 attempts),
-    else the largest central crop within the ratio range."""
+    retried until it fits (Inception-style, as torchvision and the paper's text; up to 100
+    attempts), else the largest central crop within the ratio range."""
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(attempts):
@@ -239,17 +308,36 @@ def random_resized_crop_params(height, width, scale, ratio, generator=None, atte
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_resized_crop_params(height, width, scale, ratio, generator=None, attempts=100, sampler="official"):
+    """Crop box (top, left, h, w) of a random resized crop of an image height x width.
+
+    sampler="official": TensorFlow's sample_distorted_bounding_box as the official code calls it
+    (official_crop_params: smaller crops, median area fraction 0.35 on a 375x500 image, never
+    below 10%); "inception": area-uniform, as the paper's text, torchvision and most ports
+    (inception_crop_params: median 0.42, down to 8%).
+    """
+    if sampler == "official":
+        return official_crop_params(height, width, scale, ratio, generator, attempts)
+    if sampler == "inception":
+        return inception_crop_params(height, width, scale, ratio, generator, attempts)
+    raise ValueError(f"crop sampler must be one of {CROP_SAMPLERS}, got {sampler!r}")
+
+
 class CropFlip:
     """Random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) and horizontal
-    flip (p = 0.5), on a PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size)."""
+    flip (p = 0.5), on a PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size).
+    crop_sampler: "official" (TensorFlow's, as the official code) or "inception" (area-uniform)."""
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_sampler="official"):
+        if crop_sampler not in CROP_SAMPLERS:
+            raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got {crop_sampler!r}")
+        self.size, self.scale, self.ratio, self.crop_sampler = size, scale, ratio, crop_sampler
 
     def __call__(self, img, generator=None):
         img = _rgb(img)
         _, height, width = TF.get_dimensions(img)
-        top, left, h, w = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
+        top, left, h, w = random_resized_crop_params(height, width, self.scale, self.ratio, generator,
+                                                     sampler=self.crop_sampler)
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                               interpolation=InterpolationMode.BICUBIC, antialias=True)
         if torch.rand(1, generator=generator).item() < 0.5:
@@ -257,19 +345,21 @@ class CropFlip:
         return _to_uint8_tensor(img)
 
     def __repr__(self):
-        return f"CropFlip(size={self.size})"
+        return f"CropFlip(size={self.size}, crop_sampler={self.crop_sampler!r})"
 
 
 class SimCLRViews:
     """Two independent SimCLR views of one image, float (3, size, size) in [0, 1].
 
     Defaults are the ImageNet recipe; CIFAR uses SimCLRViews(32, strength=0.5, blur=False).
-    Pass a torch.Generator to make the views reproducible.
+    crop_sampler: "official" (TensorFlow's crop, as the official code) or "inception"
+    (area-uniform, as the paper's text and torchvision). Pass a torch.Generator to make the
+    views reproducible.
     """
 
-    def __init__(self, size=224, strength=1.0, blur=True):
+    def __init__(self, size=224, strength=1.0, blur=True, crop_sampler="official"):
         self.size, self.strength, self.blur = size, strength, blur
-        self.crop_flip = CropFlip(size)
+        self.crop_flip = CropFlip(size, crop_sampler=crop_sampler)
 
     def crops(self, img, generator=None):
         """The per-image stage alone: two independent crop + flips, uint8 (3, size, size) each.
@@ -282,7 +372,8 @@ class SimCLRViews:
         return x1, x2
 
     def __repr__(self):
-        return f"SimCLRViews(size={self.size}, strength={self.strength}, blur={self.blur})"
+        return (f"SimCLRViews(size={self.size}, strength={self.strength}, blur={self.blur}, "
+                f"crop_sampler={self.crop_flip.crop_sampler!r})")
 
 
 # ----------------------------------------------------------------------------

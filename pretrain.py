@@ -30,7 +30,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from augment import EvalTransform, SimCLRViews, distort
+from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
 from distributed import (StopRequest, all_sum, cleanup, fail, rank0_first, restore_rng_states, rng_states, run,
                          setup)
 from features import extract_features, knn_accuracy
@@ -67,6 +67,10 @@ def get_args(argv=None):
     a.add_argument("--strength", type=float, default=None, help="colour distortion strength s; default 1.0 (0.5 CIFAR recipe)")
     a.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
                    help="Gaussian blur with p=0.5; default: on (off for the CIFAR recipe)")
+    a.add_argument("--crop-sampler", default="official", choices=CROP_SAMPLERS,
+                   help="random resized crop: official draws boxes as the official code (TensorFlow's "
+                        "sample_distorted_bounding_box: smaller crops, at least 10%% of the image); inception "
+                        "draws the area uniformly in 8-100%% (the paper's text, torchvision)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=100)
     o.add_argument("--batch-size", type=int, default=4096, help="global batch (images, not views), split across ranks")
@@ -185,7 +189,7 @@ def main():
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
-    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
+    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
     # The workers make whole views, or only the uint8 crops when the device distorts the batch.
     train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed,
                                      strict=args.strict_data)

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import pretrain
 from conftest import TINY
 from model import load_encoder
 
@@ -29,11 +30,19 @@ def test_one_process_end_to_end(run, tmp_path):
 
 
 def test_cifar_recipe_defaults_and_printed_settings(run):
-    result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", "--crop-sampler", "inception")
     settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert settings["cifar_stem"] is True and settings["strength"] == 0.5
     assert settings["blur"] is False and settings["temperature"] == 0.5
     assert "peak lr 0.01875 = 0.3 x batch/256" in result.stdout
+    assert "crop_sampler='inception'" in result.stdout  # the flag reaches the views
+
+
+def test_crop_sampler_flag(capsys):
+    assert pretrain.get_args(["--dataset", "synthetic"]).crop_sampler == "official"
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--crop-sampler", "torchvision"])
+    assert "invalid choice: 'torchvision'" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(run, tmp_path):
