@@ -133,6 +133,10 @@ def get_args(argv=None):
         p.error("--temperature and --width must be positive")
     if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
         p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
+    if args.warmup_epochs > args.epochs and os.environ.get("RANK", "0") == "0":  # once, from rank 0
+        print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}): "
+              f"the learning rate stays below {args.epochs / args.warmup_epochs:.0%} of its peak; "
+              "lower --warmup-epochs", file=sys.stderr, flush=True)
     return args
 
 
