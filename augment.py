@@ -70,24 +70,34 @@ def adjust_saturation(x, factor):
 
 def adjust_hue(x, delta):
     """tf.image.adjust_hue: rotate the HSV hue by delta (fraction of a turn)."""
+    # In-place steps on a few buffers: each fresh (B, 1, H, W) temporary costs an allocation and,
+    # once the allocator has handed memory back to the system, page faults (most of this
+    # function's time on some machines).
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    v, low = _channel_max_min(x)
-    chroma = v - low
+    v = torch.maximum(r, g)
+    torch.maximum(v, b, out=v)
+    chroma = torch.minimum(r, g)
+    torch.minimum(chroma, b, out=chroma)
+    torch.sub(v, chroma, out=chroma)
     # Which channel is the maximum, as 0/1 floats (v >= c always, so 1 - sign(v - c) is 1 exactly
     # where c = v); arithmetic instead of comparisons and where(), which are slow on CPU.
-    is_r = 1.0 - torch.sign(v - r)
-    is_g = (1.0 - torch.sign(v - g)) * (1.0 - is_r)  # red wins ties, as in HSV
+    is_r = torch.sub(v, r).sign_().neg_().add_(1.0)
+    is_g = torch.sub(v, g).sign_().neg_().add_(1.0)
+    torch.addcmul(is_g, is_g, is_r, value=-1.0, out=is_g)  # red wins ties, as in HSV
     # hue in sixths of a turn: (sector start * C + signed spread) / C, divided once; C = 0 gives 0
-    num = torch.lerp(torch.lerp(torch.add(r - g, chroma, alpha=4.0), torch.add(b - r, chroma, alpha=2.0), is_g),
-                     g - b, is_r)
-    hue6 = num / chroma.clamp_min(1e-12) + 6.0 * _per_image(delta)
-    hue6 = hue6 - 6.0 * torch.floor(hue6 * (1.0 / 6.0))  # wrapped to [0, 6), on one plane
+    num = torch.sub(r, g).add_(chroma, alpha=4.0)
+    tmp = torch.sub(b, r).add_(chroma, alpha=2.0)
+    num.lerp_(tmp, is_g)
+    num.lerp_(torch.sub(g, b, out=tmp), is_r)
+    hue6 = num.div_(torch.clamp_min(chroma, 1e-12, out=is_g)).add_(6.0 * _per_image(delta))
+    hue6.sub_(torch.mul(hue6, 1.0 / 6.0, out=tmp).floor_().mul_(6.0))  # wrapped to [0, 6), on one plane
     # HSV -> RGB: channel n (5 for R, 3 for G, 1 for B) is V - C * f(k mod 6) with k = n + hue6
     # and f the trapezoid clamp(min(k, 4 - k), 0, 1). For k in [1, 11), f(k mod 6) is
     # clamp(4 - k, 0, 1) + clamp(2 - |k - 8|, 0, 1): no modulo over the three channels.
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + hue6
-    f = (4.0 - k).clamp_(0.0, 1.0).add_((2.0 - (k - 8.0).abs_()).clamp_(0.0, 1.0))
-    return torch.addcmul(v, chroma, f, value=-1.0)
+    k = torch.add(torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1), hue6)
+    f = torch.rsub(k, 4.0).clamp_(0.0, 1.0)
+    f.add_(k.sub_(8.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0))
+    return torch.addcmul(v, chroma, f, value=-1.0, out=f)
 
 
 def to_grayscale(x):
@@ -126,8 +136,11 @@ def gaussian_blur(x, sigma, kernel_size):
 def _blur_rows(x, kernel, radius):
     """Convolve every row of x (B, C, H, W) with its image's 1-D kernel (B, K)."""
     b, c, h, w = x.shape
-    mode = "reflect" if radius < w else "replicate"  # reflect needs a row longer than the radius
-    rows = F.pad(x.reshape(1, b * c * h, w), (radius, radius), mode=mode)  # (1, rows, W + 2r)
+    rows = x.reshape(1, b * c * h, w)
+    if radius < w:  # reflect padding from two flipped slices: several times faster than F.pad's reflect
+        rows = torch.cat([rows[..., 1:radius + 1].flip(-1), rows, rows[..., w - radius - 1:w - 1].flip(-1)], dim=-1)
+    else:  # reflect needs a row longer than the radius
+        rows = F.pad(rows, (radius, radius), mode="replicate")              # (1, rows, W + 2r)
     weight = kernel.repeat_interleave(c * h, dim=0).unsqueeze(1)            # (rows, 1, K)
     return F.conv1d(rows, weight, groups=b * c * h).view(b, c, h, w)
 
@@ -158,16 +171,19 @@ def color_jitter(x, factors, order):
     """Brightness, contrast, saturation and hue with per-image factors (B, 4), applied in
     each image's own order (B, 4, on the CPU), clipped to [0, 1] after each
     (official color_jitter_rand). Images that share an order go through together."""
-    out = torch.empty_like(x)
     factors = factors.to(x.device, x.dtype, non_blocking=True)
     codes = (order * torch.tensor([64, 16, 4, 1])).sum(dim=1)  # one number per order (24 possible)
-    for code in torch.unique(codes).tolist():
+    groups = torch.unique(codes).tolist()
+    out = None if len(groups) == 1 else torch.empty_like(x)
+    for code in groups:
         members = (codes == code).nonzero().squeeze(1)
         idx = members.to(x.device, non_blocking=True)
-        y = x[idx]
-        for op_index in order[members[0]].tolist():
+        y = x if out is None else x.index_select(0, idx)  # (index_select/index_copy_: much faster than x[idx])
+        for op_index in order[members[0]].tolist():  # every op returns a new tensor: x is never written
             y = JITTER_OPS[op_index](y, factors[idx, op_index]).clamp_(0.0, 1.0)
-        out[idx] = y  # every image is in exactly one group
+        if out is None:
+            return y
+        out.index_copy_(0, idx, y)  # every image is in exactly one group
     return out
 
 
@@ -183,9 +199,11 @@ def apply_distortion(x, params, kernel_size):
               (params["blur"], lambda v, sel: gaussian_blur(v, params["sigma"][sel], kernel_size)))
     for mask, stage in stages:
         sel = mask.nonzero().squeeze(1)  # on the CPU: no wait for the device
-        if sel.numel():
+        if sel.numel() == len(x):  # the whole batch: no gather and scatter
+            x = stage(x, sel).contiguous()  # (grayscale returns an expanded view)
+        elif sel.numel():
             idx = sel.to(x.device, non_blocking=True)
-            x[idx] = stage(x[idx], sel)
+            x.index_copy_(0, idx, stage(x.index_select(0, idx), sel))  # much faster than x[idx] = ...
     return x.clamp_(0.0, 1.0)
 
 

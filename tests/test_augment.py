@@ -194,15 +194,61 @@ def test_blur_drops_only_taps_below_float32_resolution():
         torch.testing.assert_close(short, full, rtol=0, atol=3e-7)
 
 
-def _reference_blur(x, sigma, k):
+def test_float32_hue_and_blur_at_float32_rounding():
+    """The float32 paths (in-place hue, padding by flipped slices, replicate padding when the image is
+    smaller than the radius) against float64 definitions, to float32 rounding."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(3, 3, 24, 20, generator=g)
+    x[0, :, :3] = 0.25  # gray pixels: no hue
+    x[1, 0, 3:6] = x[1, 1, 3:6]  # ties between channels
+    d = torch.tensor([-0.2, 0.07, 0.2])
+    hue = adjust_hue(x, d)
+    ref = torch.empty(3, 3, 24, 20, dtype=torch.float64)
+    for b in range(3):
+        for i in range(24):
+            for j in range(20):
+                h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].double().tolist())
+                ref[b, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + d[b].item()) % 1.0, s, v))
+    torch.testing.assert_close(hue.double(), ref, rtol=0, atol=1e-6)
+    sigma = torch.tensor([0.4, 1.3, 2.0])
+    torch.testing.assert_close(gaussian_blur(x, sigma, 23).double(),
+                               torch.cat([_reference_blur(x[i:i + 1], sigma[i].item(), 23, dtype=torch.float64)
+                                          for i in range(3)]), rtol=0, atol=1e-6)
+    tiny = torch.rand(2, 3, 4, 6, generator=g)  # radius 11 > 6: edge values repeated instead of reflected
+    torch.testing.assert_close(gaussian_blur(tiny, torch.tensor([2.0, 1.5]), 23).double(),
+                               torch.cat([_reference_blur(tiny[i:i + 1], s, 23, "replicate", torch.float64)
+                                          for i, s in enumerate((2.0, 1.5))]), rtol=0, atol=1e-6)
+
+
+def test_distortion_never_writes_its_input_and_whole_batches_equal_subsets():
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(4, 3, 30, 30, generator=g)
+    before = x.clone()
+    p = sample_distortion(4, generator=g)
+    p["order"][:] = p["order"][0]  # one jitter group: the whole batch goes through at once
+    for key in ("jitter", "gray", "blur"):
+        p[key][:] = True
+    whole = apply_distortion(x, p, 5)
+    assert torch.equal(x, before)
+    for i in range(4):
+        alone = apply_distortion(x[i:i + 1], {k: v[i:i + 1] for k, v in p.items()}, 5)
+        torch.testing.assert_close(whole[i:i + 1], alone, rtol=0, atol=1e-6)
+    parts = dict(p, jitter=torch.tensor([True, False, True, True]))  # a subset: gathered and scattered
+    mixed = apply_distortion(x, parts, 5)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(mixed[[0, 2, 3]], whole[[0, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[1:2], apply_distortion(x[1:2], {k: v[1:2] for k, v in parts.items()}, 5))
+
+
+def _reference_blur(x, sigma, k, mode="reflect", dtype=torch.float32):
     """Full-length kernel, direct separable convolution in float64."""
     r = k // 2
     w = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
     w = w / w.sum()
-    y = torch.nn.functional.pad(x.double(), (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.pad(x.double(), (r, r, r, r), mode=mode)
     y = sum(w[j] * y[..., j:j + x.shape[-1]] for j in range(k))
     y = sum(w[j] * y[..., j:j + x.shape[-2], :] for j in range(k))
-    return y.float()
+    return y.to(dtype)
 
 
 def test_inception_crop_matches_torchvision():
