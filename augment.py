@@ -259,10 +259,10 @@ def official_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     lo_ratio, hi_ratio = _f32(ratio[0]), _f32(ratio[1])
     min_area = _f32(_f32(_f32(scale[0]) * width) * height)
     max_area = _f32(_f32(_f32(scale[1]) * width) * height)
-    image_area, min_covered = float(width * height), _f32(min_covered)
+    image_area, min_covered = _f32(width * height), _f32(min_covered)
     for _ in range(attempts):
         u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-        u0 = math.floor(u[0] * 2 ** 24) / 2 ** 24  # a float32 in [0, 1), like Philox's RandFloat
+        u0 = math.floor(u[0] * 2 ** 23) / 2 ** 23  # a multiple of 2^-23 in [0, 1), like Philox's RandFloat
         aspect = _f32(_f32(u0 * _f32(hi_ratio - lo_ratio)) + lo_ratio)
         h = round(_f32(math.sqrt(_f32(min_area / aspect))))  # round(): half to even, as lrintf
         max_h = round(_f32(math.sqrt(_f32(max_area / aspect))))
@@ -276,15 +276,15 @@ def official_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
         else:
             h += _uniform_int(u[1], max_h - h + 1)  # closed range [h, max_h]
         w = round(_f32(h * aspect))
-        area = float(w * h)
+        area = _f32(w * h)
         if area < min_area:  # rounding made it too small: one pixel taller
             h += 1
             w = round(_f32(h * aspect))
-            area = float(w * h)
+            area = _f32(w * h)
         if area > max_area:  # too large: one pixel shorter
             h -= 1
             w = round(_f32(h * aspect))
-            area = float(w * h)
+            area = _f32(w * h)
         if area < min_area or area > max_area or not (0 < w <= width and 0 < h <= height):
             continue
         if area < 1.0 or _f32(area / image_area) < min_covered:  # the min_object_covered test
