@@ -2,6 +2,7 @@
 import colorsys
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,32 @@ def test_official_crop_matches_tensorflow_percentiles(ref):
     assert not (((h < height) & (top + h == height)) | ((w < width) & (left + w == width))).any()
     whole, ref_whole = (~smaller).mean(), ref["share_whole_image"]  # rare: 0.2% at 32x32, ~0 above
     assert abs(whole - ref_whole) <= 5 * math.sqrt((whole + ref_whole + 1 / m) / m)
+
+
+def _size_chi2(sampler, ref, seed=1):
+    """Two-sample chi-square of the box sizes (h, w) against TensorFlow's counts, same number of draws;
+    cells with fewer than 10 draws in both samples together are pooled -> (statistic, its 99.9% quantile)."""
+    height, width, m = ref["height"], ref["width"], ref["draws"]
+    g = torch.Generator().manual_seed(seed)
+    ours = Counter(random_resized_crop_params(height, width, (0.08, 1.0), (3 / 4, 4 / 3), g, sampler=sampler)[2:]
+                   for _ in range(m))
+    theirs = Counter({(h, w): c for h, w, c in ref["size_counts"]})
+    cells = [(theirs[k], ours[k]) for k in set(theirs) | set(ours)]
+    big = [c for c in cells if sum(c) >= 10]
+    big.append((sum(a for a, b in cells if a + b < 10), sum(b for a, b in cells if a + b < 10)))
+    stat = sum((a - b) ** 2 / (a + b) for a, b in big if a + b)
+    dof = len(big) - 1
+    return stat, dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, z(0.999)
+
+
+def test_official_crop_sizes_match_tensorflow_at_32px():
+    """At 32x32 the rounding rules decide which whole-pixel boxes exist and how often: the whole
+    distribution of (h, w) must agree with TensorFlow's, not only its percentiles."""
+    ref = next(r for r in CROP_REFERENCE["shapes"] if r["size_counts"])
+    stat, limit = _size_chi2("official", ref)
+    assert stat < limit, (stat, limit)
+    stat, limit = _size_chi2("inception", ref)
+    assert stat > limit, (stat, limit)
 
 
 def test_the_inception_crop_would_fail_the_tensorflow_comparison():

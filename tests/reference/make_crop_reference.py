@@ -48,6 +48,10 @@ def summary(boxes, height, width):
         "aspect_min": float(aspect.min()), "aspect_max": float(aspect.max()),
         "share_whole_image": float((~smaller).mean()),
         "share_touching_bottom_or_right": float(far_edge.mean()),
+        # how often each box size (h, w) came up, for the small images where rounding shapes the distribution
+        "size_counts": ([[int(hh), int(ww), int(c)] for (hh, ww), c in zip(*np.unique(np.stack([h, w], 1), axis=0,
+                                                                                        return_counts=True))]
+                        if height * width <= 32 * 32 else None),
     }
 
 
@@ -63,9 +67,9 @@ def main():
         print(f"{height}x{width}: area fraction median {s['area_fraction'][4]:.3f}, min {s['area_min']:.3f}; "
               f"aspect median {s['aspect'][4]:.3f}; whole image {s['share_whole_image']:.4f}")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crop_reference.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    with open(path, "w") as f:  # one line per shape
+        head = json.dumps({k: v for k, v in out.items() if k != "shapes"}, indent=1)[:-2]
+        f.write(head + ',\n "shapes": [\n  ' + ",\n  ".join(json.dumps(s) for s in out["shapes"]) + "\n ]\n}\n")
     print(f"wrote {path}")
 
 
