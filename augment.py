@@ -6,7 +6,9 @@ mean/std normalisation.
 
 The work is split in two stages so that the expensive part can run in batches
 wherever the images live:
-  CropFlip    per image, on a PIL image or uint8 tensor -> uint8 (3, size, size)
+  CropFlip    per image, on a PIL image or uint8 tensor -> uint8 (3, size, size);
+              the crop box drawn as TensorFlow draws it for the official code, or
+              area-uniform as torchvision (crop_sampler="inception")
   distort     per batch, float (B, 3, size, size) in [0, 1], any device: colour
               jitter (p=0.8, the four operations in a random order per image),
               grayscale (p=0.2), Gaussian blur (p=0.5), each image drawing its
@@ -17,6 +19,7 @@ wherever the images live:
     x1, x2 = views(pil_image)           # two float (3, 224, 224) tensors in [0, 1]
 """
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -67,29 +70,40 @@ def adjust_saturation(x, factor):
 
 def adjust_hue(x, delta):
     """tf.image.adjust_hue: rotate the HSV hue by delta (fraction of a turn)."""
+    # In-place steps on a few buffers: each fresh (B, 1, H, W) temporary costs an allocation and,
+    # once the allocator has handed memory back to the system, page faults (most of this
+    # function's time on some machines).
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    v, low = _channel_max_min(x)
-    chroma = v - low
+    v = torch.maximum(r, g)
+    torch.maximum(v, b, out=v)
+    chroma = torch.minimum(r, g)
+    torch.minimum(chroma, b, out=chroma)
+    torch.sub(v, chroma, out=chroma)
     # Which channel is the maximum, as 0/1 floats (v >= c always, so 1 - sign(v - c) is 1 exactly
     # where c = v); arithmetic instead of comparisons and where(), which are slow on CPU.
-    is_r = 1.0 - torch.sign(v - r)
-    is_g = (1.0 - torch.sign(v - g)) * (1.0 - is_r)  # red wins ties, as in HSV
+    is_r = torch.sub(v, r).sign_().neg_().add_(1.0)
+    is_g = torch.sub(v, g).sign_().neg_().add_(1.0)
+    torch.addcmul(is_g, is_g, is_r, value=-1.0, out=is_g)  # red wins ties, as in HSV
     # hue in sixths of a turn: (sector start * C + signed spread) / C, divided once; C = 0 gives 0
-    num = torch.lerp(torch.lerp(torch.add(r - g, chroma, alpha=4.0), torch.add(b - r, chroma, alpha=2.0), is_g),
-                     g - b, is_r)
-    hue6 = num / chroma.clamp_min(1e-12) + 6.0 * _per_image(delta)
-    hue6 = hue6 - 6.0 * torch.floor(hue6 * (1.0 / 6.0))  # wrapped to [0, 6), on one plane
+    num = torch.sub(r, g).add_(chroma, alpha=4.0)
+    tmp = torch.sub(b, r).add_(chroma, alpha=2.0)
+    num.lerp_(tmp, is_g)
+    num.lerp_(torch.sub(g, b, out=tmp), is_r)
+    hue6 = num.div_(torch.clamp_min(chroma, 1e-12, out=is_g)).add_(6.0 * _per_image(delta))
+    hue6.sub_(torch.mul(hue6, 1.0 / 6.0, out=tmp).floor_().mul_(6.0))  # wrapped to [0, 6), on one plane
     # HSV -> RGB: channel n (5 for R, 3 for G, 1 for B) is V - C * f(k mod 6) with k = n + hue6
     # and f the trapezoid clamp(min(k, 4 - k), 0, 1). For k in [1, 11), f(k mod 6) is
     # clamp(4 - k, 0, 1) + clamp(2 - |k - 8|, 0, 1): no modulo over the three channels.
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + hue6
-    f = (4.0 - k).clamp_(0.0, 1.0).add_((2.0 - (k - 8.0).abs_()).clamp_(0.0, 1.0))
-    return torch.addcmul(v, chroma, f, value=-1.0)
+    k = torch.add(torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1), hue6)  # made there: no copy
+    f = torch.rsub(k, 4.0).clamp_(0.0, 1.0)
+    f.add_(k.sub_(8.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0))
+    return torch.addcmul(v, chroma, f, value=-1.0, out=f)
 
 
 def to_grayscale(x):
     """Luma, repeated over the 3 channels."""
-    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    # non_blocking: a GPU batch must not make the host wait for the device (a plain copy would)
+    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype).to(x.device, non_blocking=True).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True).expand_as(x)
 
 
@@ -123,8 +137,11 @@ def gaussian_blur(x, sigma, kernel_size):
 def _blur_rows(x, kernel, radius):
     """Convolve every row of x (B, C, H, W) with its image's 1-D kernel (B, K)."""
     b, c, h, w = x.shape
-    mode = "reflect" if radius < w else "replicate"  # reflect needs a row longer than the radius
-    rows = F.pad(x.reshape(1, b * c * h, w), (radius, radius), mode=mode)  # (1, rows, W + 2r)
+    rows = x.reshape(1, b * c * h, w)
+    if radius < w:  # reflect padding from two flipped slices: several times faster than F.pad's reflect
+        rows = torch.cat([rows[..., 1:radius + 1].flip(-1), rows, rows[..., w - radius - 1:w - 1].flip(-1)], dim=-1)
+    else:  # reflect needs a row longer than the radius
+        rows = F.pad(rows, (radius, radius), mode="replicate")              # (1, rows, W + 2r)
     weight = kernel.repeat_interleave(c * h, dim=0).unsqueeze(1)            # (rows, 1, K)
     return F.conv1d(rows, weight, groups=b * c * h).view(b, c, h, w)
 
@@ -155,16 +172,19 @@ def color_jitter(x, factors, order):
     """Brightness, contrast, saturation and hue with per-image factors (B, 4), applied in
     each image's own order (B, 4, on the CPU), clipped to [0, 1] after each
     (official color_jitter_rand). Images that share an order go through together."""
-    out = torch.empty_like(x)
     factors = factors.to(x.device, x.dtype, non_blocking=True)
     codes = (order * torch.tensor([64, 16, 4, 1])).sum(dim=1)  # one number per order (24 possible)
-    for code in torch.unique(codes).tolist():
+    groups = torch.unique(codes).tolist()
+    out = None if len(groups) == 1 else torch.empty_like(x)
+    for code in groups:
         members = (codes == code).nonzero().squeeze(1)
         idx = members.to(x.device, non_blocking=True)
-        y = x[idx]
-        for op_index in order[members[0]].tolist():
+        y = x if out is None else x.index_select(0, idx)  # (index_select/index_copy_: much faster than x[idx])
+        for op_index in order[members[0]].tolist():  # every op returns a new tensor: x is never written
             y = JITTER_OPS[op_index](y, factors[idx, op_index]).clamp_(0.0, 1.0)
-        out[idx] = y  # every image is in exactly one group
+        if out is None:
+            return y
+        out.index_copy_(0, idx, y)  # every image is in exactly one group
     return out
 
 
@@ -180,9 +200,11 @@ def apply_distortion(x, params, kernel_size):
               (params["blur"], lambda v, sel: gaussian_blur(v, params["sigma"][sel], kernel_size)))
     for mask, stage in stages:
         sel = mask.nonzero().squeeze(1)  # on the CPU: no wait for the device
-        if sel.numel():
+        if sel.numel() == len(x):  # the whole batch: no gather and scatter
+            x = stage(x, sel).contiguous()  # (grayscale returns an expanded view)
+        elif sel.numel():
             idx = sel.to(x.device, non_blocking=True)
-            x[idx] = stage(x[idx], sel)
+            x.index_copy_(0, idx, stage(x.index_select(0, idx), sel))  # much faster than x[idx] = ...
     return x.clamp_(0.0, 1.0)
 
 
@@ -213,10 +235,76 @@ def _to_uint8_tensor(img):
     return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
 
 
-def random_resized_crop_params(height, width, scale, ratio, generator=None, attempts=100):
+CROP_SAMPLERS = ("official", "inception")
+
+
+def _f32(x):
+    """x rounded to the nearest float32, as a Python float (for TensorFlow's float arithmetic:
+    +, -, *, / and sqrt of float32 operands done in float64 and rounded once are exact)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def official_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
+                         attempts=100, min_covered=0.1):
+    """Crop box (top, left, h, w) drawn as tf.image.sample_distorted_bounding_box draws it with the
+    official SimCLR settings (whole image as the object box, min_object_covered 0.1, 100 attempts).
+
+    Per attempt: aspect ratio w/h ~ U(ratio) (not log-uniform); the height is uniform over the whole
+    numbers between the heights that give the smallest and the largest allowed area at that aspect,
+    w = round(h * aspect); a box outside the area range after one repair step, or covering less
+    than min_covered of the image, is rejected. No success in `attempts`: the whole image. The
+    arithmetic is TensorFlow's float32 with round-half-to-even, so the boxes are its boxes.
+    Offsets are uniform in [0, H - h) and [0, W - w) (TensorFlow's: a smaller box never touches
+    the bottom or right edge).
+    """
+    lo_ratio, hi_ratio = _f32(ratio[0]), _f32(ratio[1])
+    min_area = _f32(_f32(_f32(scale[0]) * width) * height)
+    max_area = _f32(_f32(_f32(scale[1]) * width) * height)
+    image_area, min_covered = _f32(width * height), _f32(min_covered)
+    for _ in range(attempts):
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        u0 = math.floor(u[0] * 2 ** 23) / 2 ** 23  # a multiple of 2^-23 in [0, 1), like Philox's RandFloat
+        aspect = _f32(_f32(u0 * _f32(hi_ratio - lo_ratio)) + lo_ratio)
+        h = round(_f32(math.sqrt(_f32(min_area / aspect))))  # round(): half to even, as lrintf
+        max_h = round(_f32(math.sqrt(_f32(max_area / aspect))))
+        if round(_f32(max_h * aspect)) > width:  # the tallest box whose rounded width still fits
+            max_h = int((width + 0.5 - _f32(1e-7)) / aspect)
+            if round(_f32(max_h * aspect)) > width:
+                max_h -= 1
+        max_h = min(max_h, height)
+        if h >= max_h:
+            h = max_h
+        else:
+            h += _uniform_int(u[1], max_h - h + 1)  # closed range [h, max_h]
+        w = round(_f32(h * aspect))
+        area = _f32(w * h)
+        if area < min_area:  # rounding made it too small: one pixel taller
+            h += 1
+            w = round(_f32(h * aspect))
+            area = _f32(w * h)
+        if area > max_area:  # too large: one pixel shorter
+            h -= 1
+            w = round(_f32(h * aspect))
+            area = _f32(w * h)
+        if area < min_area or area > max_area or not (0 < w <= width and 0 < h <= height):
+            continue
+        if area < 1.0 or _f32(area / image_area) < min_covered:  # the min_object_covered test
+            continue
+        top = _uniform_int(u[2], height - h) if h < height else 0
+        left = _uniform_int(u[3], width - w) if w < width else 0
+        return top, left, h, w
+    return 0, 0, height, width
+
+
+def _uniform_int(u, n):
+    """A whole number uniform in [0, n) from u uniform in [0, 1)."""
+    return min(int(u * n), n - 1)
+
+
+def inception_crop_params(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, attempts=100):
     """Crop box (top, left, h, w): area fraction ~ U(scale), log aspect ratio ~ U(log ratio),
-    retried until it fits (Inception-style; the official code makes up to 100 attempts),
-    else the largest central crop within the ratio range."""
+    retried until it fits (Inception-style, as torchvision and the paper's text; up to 100
+    attempts), else the largest central crop within the ratio range."""
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(attempts):
@@ -239,17 +327,36 @@ def random_resized_crop_params(height, width, scale, ratio, generator=None, atte
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_resized_crop_params(height, width, scale, ratio, generator=None, attempts=100, sampler="official"):
+    """Crop box (top, left, h, w) of a random resized crop of an image height x width.
+
+    sampler="official": TensorFlow's sample_distorted_bounding_box as the official code calls it
+    (official_crop_params: smaller crops, median area fraction 0.35 on a 375x500 image, never
+    below 10%); "inception": area-uniform, as the paper's text, torchvision and most ports
+    (inception_crop_params: median 0.42, down to 8%).
+    """
+    if sampler == "official":
+        return official_crop_params(height, width, scale, ratio, generator, attempts)
+    if sampler == "inception":
+        return inception_crop_params(height, width, scale, ratio, generator, attempts)
+    raise ValueError(f"crop sampler must be one of {CROP_SAMPLERS}, got {sampler!r}")
+
+
 class CropFlip:
     """Random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) and horizontal
-    flip (p = 0.5), on a PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size)."""
+    flip (p = 0.5), on a PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size).
+    crop_sampler: "official" (TensorFlow's, as the official code) or "inception" (area-uniform)."""
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_sampler="official"):
+        if crop_sampler not in CROP_SAMPLERS:
+            raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got {crop_sampler!r}")
+        self.size, self.scale, self.ratio, self.crop_sampler = size, scale, ratio, crop_sampler
 
     def __call__(self, img, generator=None):
         img = _rgb(img)
         _, height, width = TF.get_dimensions(img)
-        top, left, h, w = random_resized_crop_params(height, width, self.scale, self.ratio, generator)
+        top, left, h, w = random_resized_crop_params(height, width, self.scale, self.ratio, generator,
+                                                     sampler=self.crop_sampler)
         img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
                               interpolation=InterpolationMode.BICUBIC, antialias=True)
         if torch.rand(1, generator=generator).item() < 0.5:
@@ -257,19 +364,21 @@ class CropFlip:
         return _to_uint8_tensor(img)
 
     def __repr__(self):
-        return f"CropFlip(size={self.size})"
+        return f"CropFlip(size={self.size}, crop_sampler={self.crop_sampler!r})"
 
 
 class SimCLRViews:
     """Two independent SimCLR views of one image, float (3, size, size) in [0, 1].
 
     Defaults are the ImageNet recipe; CIFAR uses SimCLRViews(32, strength=0.5, blur=False).
-    Pass a torch.Generator to make the views reproducible.
+    crop_sampler: "official" (TensorFlow's crop, as the official code) or "inception"
+    (area-uniform, as the paper's text and torchvision). Pass a torch.Generator to make the
+    views reproducible.
     """
 
-    def __init__(self, size=224, strength=1.0, blur=True):
+    def __init__(self, size=224, strength=1.0, blur=True, crop_sampler="official"):
         self.size, self.strength, self.blur = size, strength, blur
-        self.crop_flip = CropFlip(size)
+        self.crop_flip = CropFlip(size, crop_sampler=crop_sampler)
 
     def crops(self, img, generator=None):
         """The per-image stage alone: two independent crop + flips, uint8 (3, size, size) each.
@@ -282,7 +391,8 @@ class SimCLRViews:
         return x1, x2
 
     def __repr__(self):
-        return f"SimCLRViews(size={self.size}, strength={self.strength}, blur={self.blur})"
+        return (f"SimCLRViews(size={self.size}, strength={self.strength}, blur={self.blur}, "
+                f"crop_sampler={self.crop_flip.crop_sampler!r})")
 
 
 # ----------------------------------------------------------------------------

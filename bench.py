@@ -10,7 +10,9 @@ a noisy machine):
          SimCLR pipeline (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
          23x23 GaussianBlur p=0.5, ToTensor) and of ours (augment.SimCLRViews: crop +
          flip in PIL, colour and separable blur as tensor ops), on the same in-memory
-         JPEG images with decoding; repeats interleaved, medians, and the ratio.
+         JPEG images with decoding; repeats interleaved, medians, and the ratio. Time is
+         the thread's CPU time, so other processes on a shared machine do not count.
+         --views-baseline FILE adds the SimCLRViews of another augment.py (before/after).
   step   images/s of pretraining steps (pretrain.py's own step functions, LARS):
          (a) on batches already on the device: the ceiling; (b) with data workers
          making whole views (--distort-on workers); (c) with workers only decoding,
@@ -28,9 +30,11 @@ a noisy machine):
          (50,000 on CUDA), the full pretrain.py data path.
 """
 import argparse
+import importlib.util
 import io
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -63,6 +67,9 @@ def get_args():
     p.add_argument("--workers", type=int, default=None, help="data workers for (b), (c); default: all CPUs, at most 16")
     p.add_argument("--view-images", type=int, default=48, help="JPEG images per round of the views section")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the views section")
+    p.add_argument("--views-baseline", default=None,
+                   help="views section: also time the SimCLRViews of this other augment.py file (e.g. an earlier "
+                        "commit's, from git show REV:augment.py) in the same rounds")
     p.add_argument("--loss-sizes", default=None, help="2N values; default 2048,8192,32768 (CPU: 2048,4096,8192,32768)")
     p.add_argument("--memory-cases", default=None,
                    help="memory section: IMAGESxPX,...; default 128x224,256x224,512x224 on CUDA, 64x96 on CPU")
@@ -126,27 +133,41 @@ def torchvision_pipeline(size=224):
 def bench_views(args):
     torch.set_num_threads(1)
     blobs = make_jpegs(args.view_images)
-    standard, ours, crops_only = torchvision_pipeline(224), SimCLRViews(224), SimCLRViews(224).crops
+    standard, ours = torchvision_pipeline(224), SimCLRViews(224)
     pipelines = {"torchvision": lambda img: (standard(img), standard(img)), "ours": ours,
-                 "ours, crop + flip only": crops_only}
+                 "ours, crop + flip only": ours.crops}
+    if args.views_baseline:  # another augment.py (e.g. an earlier commit's), timed in the same rounds
+        spec = importlib.util.spec_from_file_location("augment_baseline", args.views_baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
+        pipelines["baseline"] = baseline.SimCLRViews(224)
+        pipelines["baseline, crop + flip only"] = pipelines["baseline"].crops
     rates = {name: [] for name in pipelines}
     for name, fn in pipelines.items():  # warm-up
         fn(Image.open(io.BytesIO(blobs[0])).convert("RGB"))
     for _ in range(args.rounds):
         for name, fn in pipelines.items():
-            t = time.perf_counter()
+            # CPU time of this thread, not wall time: on a shared machine other processes would
+            # otherwise count against whichever pipeline runs while they do
+            t = time.thread_time()
             for blob in blobs:
                 fn(Image.open(io.BytesIO(blob)).convert("RGB"))
-            rates[name].append(2 * len(blobs) / (time.perf_counter() - t))
+            rates[name].append(2 * len(blobs) / (time.thread_time() - t))
     torch.set_num_threads(os.cpu_count() or 1)
     med = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"\n[views] per CPU core, 224 px, {len(blobs)} JPEGs of 500x375 decoded each time, "
-          f"median of {args.rounds} interleaved rounds")
+    print(f"\n[views] per CPU core (views per CPU-second of one thread), 224 px, {len(blobs)} JPEGs of 500x375 "
+          f"decoded each time, median of {args.rounds} interleaved rounds")
     for name, r in med.items():
-        print(f"  {name:24s} {r:8.1f} views/s   (rounds: {', '.join(f'{x:.0f}' for x in rates[name])})")
+        print(f"  {name:28s} {r:8.1f} views/s   (rounds: {', '.join(f'{x:.0f}' for x in rates[name])})")
     ratio = med["ours"] / med["torchvision"]
+    crop_ratio = med["ours, crop + flip only"] / med["torchvision"]
     print(f"  ours / torchvision: {ratio:.2f}x")
-    return {"views_per_s": med, "ratio_ours_over_torchvision": ratio}
+    print(f"  ours, crop + flip only / torchvision: {crop_ratio:.2f}x (the CPU work per view when the GPU distorts)")
+    result = {"views_per_s": med, "ratio_ours_over_torchvision": ratio, "ratio_crop_flip_over_torchvision": crop_ratio}
+    if args.views_baseline:
+        result["ratio_ours_over_baseline"] = med["ours"] / med["baseline"]
+        print(f"  ours / baseline ({args.views_baseline}): {result['ratio_ours_over_baseline']:.2f}x")
+    return result
 
 
 def bench_step(args):
@@ -449,11 +470,23 @@ def bench_epoch(args):
     return {"epoch_seconds": seconds, "epoch_images": args.epoch_images}
 
 
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo, else what platform reports)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def main():
     args = get_args()
     print(f"torch {torch.__version__}, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     results = {"args": vars(args)}
     sections = {"views": bench_views, "step": bench_step, "loss": bench_loss, "memory": bench_memory,
                 "epoch": bench_epoch}

@@ -140,9 +140,16 @@ def main():
 
     train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
     classes = data.num_classes(train_raw)
-    if len(chosen) < args.batch_size:
-        fail(f"the labelled subset has {len(chosen)} images, fewer than one batch of {args.batch_size}; "
-             "lower --batch-size or raise --label-fraction")
+    if len(chosen) < args.batch_size:  # a small subset: all of it is the batch
+        if len(chosen) < ctx.world:
+            fail(f"the labelled subset has {len(chosen)} images, fewer than the {ctx.world} processes; "
+                 "raise --label-fraction")
+        requested, args.batch_size = args.batch_size, len(chosen) // ctx.world * ctx.world
+        per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+        if master:
+            print(f"note: the labelled subset has {len(chosen)} images, fewer than --batch-size {requested}: "
+                  f"each step uses {args.batch_size} of them (batch {args.batch_size}, one step per epoch), "
+                  f"peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     subset_classes = len(set(data.labels_of(train_raw)[chosen].tolist()))
 
     torch.manual_seed(args.seed)

@@ -196,9 +196,15 @@ def main():
 
     train_raw, test_raw = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
     classes = data.num_classes(train_raw)
-    if len(train_raw) < args.batch_size:
-        fail(f"the training set has {len(train_raw)} images, fewer than one batch of {args.batch_size}; "
-             "lower --batch-size")
+    if len(train_raw) < args.batch_size:  # a small dataset: the whole training set is the batch
+        if len(train_raw) < ctx.world:
+            fail(f"the training set has {len(train_raw)} images, fewer than the {ctx.world} processes")
+        requested, args.batch_size = args.batch_size, len(train_raw) // ctx.world * ctx.world
+        per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+        if master:
+            print(f"note: the training set has {len(train_raw)} images, fewer than --batch-size {requested}: "
+                  f"each step uses {args.batch_size} of them (batch {args.batch_size}, one step per epoch), "
+                  f"peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     plain = EvalTransform(args.image_size, train=False)
 
     def feature_loader(raw, transform=plain, train=False, strict=True):

@@ -34,7 +34,7 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from augment import EvalTransform, SimCLRViews, distort
+from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
 from distributed import (StopRequest, all_sum, cleanup, fail, rank0_first, restore_rng_states, rng_states, run,
                          setup)
 from features import extract_features, knn_accuracy
@@ -71,6 +71,10 @@ def get_args(argv=None):
     a.add_argument("--strength", type=float, default=None, help="colour distortion strength s; default 1.0 (0.5 CIFAR recipe)")
     a.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
                    help="Gaussian blur with p=0.5; default: on (off for the CIFAR recipe)")
+    a.add_argument("--crop-sampler", default="official", choices=CROP_SAMPLERS,
+                   help="random resized crop: official draws boxes as the official code (TensorFlow's "
+                        "sample_distorted_bounding_box: smaller crops, at least 10%% of the image); inception "
+                        "draws the area uniformly in 8-100%% (the paper's text, torchvision)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=100)
     o.add_argument("--batch-size", type=int, default=4096, help="global batch (images, not views), split across ranks")
@@ -143,6 +147,10 @@ def get_args(argv=None):
                 "recomputation's guard of the BN statistics); use one of them")
     if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
         p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
+    if args.warmup_epochs > args.epochs and os.environ.get("RANK", "0") == "0":  # once, from rank 0
+        print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}): "
+              f"the learning rate stays below {args.epochs / args.warmup_epochs:.0%} of its peak; "
+              "lower --warmup-epochs", file=sys.stderr, flush=True)
     return args
 
 
@@ -333,7 +341,7 @@ def build_data(args, ctx, per_rank):
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
-    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur)
+    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
     # The workers make whole views, or only the uint8 crops when the device distorts the batch.
     train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed,
                                      strict=args.strict_data)
@@ -372,7 +380,7 @@ def resume(args, ckpt_path, model, optimizer, steps_per_epoch, master):
         restore_rng_states(ckpt["rng"])
     changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
                if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature",
-                        "strength", "blur", "image_size", "weight_decay") and ckpt["args"].get(k) != v}
+                        "strength", "blur", "image_size", "weight_decay", "crop_sampler") and ckpt["args"].get(k) != v}
     if changed and master:
         print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
     return start_epoch, start_step, (ckpt.get("epoch_sums", [0.0, 0.0, 0.0]) if start_step else [0.0, 0.0, 0.0])

@@ -1,6 +1,9 @@
 """Views: shape, range, randomness; each colour op against an independent definition."""
 import colorsys
+import json
 import math
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ from torchvision import transforms
 import augment
 from augment import (CropFlip, EvalTransform, SimCLRViews, adjust_brightness, adjust_contrast, adjust_hue,
                      adjust_saturation, apply_distortion, blur_kernel_size, distort, gaussian_blur,
-                     random_resized_crop_params, sample_distortion, to_grayscale)
+                     inception_crop_params, official_crop_params, random_resized_crop_params, sample_distortion,
+                     to_grayscale)
 
 
 def random_image(h=60, w=80, seed=0):
@@ -191,22 +195,68 @@ def test_blur_drops_only_taps_below_float32_resolution():
         torch.testing.assert_close(short, full, rtol=0, atol=3e-7)
 
 
-def _reference_blur(x, sigma, k):
+def test_float32_hue_and_blur_at_float32_rounding():
+    """The float32 paths (in-place hue, padding by flipped slices, replicate padding when the image is
+    smaller than the radius) against float64 definitions, to float32 rounding."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.rand(3, 3, 24, 20, generator=g)
+    x[0, :, :3] = 0.25  # gray pixels: no hue
+    x[1, 0, 3:6] = x[1, 1, 3:6]  # ties between channels
+    d = torch.tensor([-0.2, 0.07, 0.2])
+    hue = adjust_hue(x, d)
+    ref = torch.empty(3, 3, 24, 20, dtype=torch.float64)
+    for b in range(3):
+        for i in range(24):
+            for j in range(20):
+                h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].double().tolist())
+                ref[b, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + d[b].item()) % 1.0, s, v))
+    torch.testing.assert_close(hue.double(), ref, rtol=0, atol=1e-6)
+    sigma = torch.tensor([0.4, 1.3, 2.0])
+    torch.testing.assert_close(gaussian_blur(x, sigma, 23).double(),
+                               torch.cat([_reference_blur(x[i:i + 1], sigma[i].item(), 23, dtype=torch.float64)
+                                          for i in range(3)]), rtol=0, atol=1e-6)
+    tiny = torch.rand(2, 3, 4, 6, generator=g)  # radius 11 > 6: edge values repeated instead of reflected
+    torch.testing.assert_close(gaussian_blur(tiny, torch.tensor([2.0, 1.5]), 23).double(),
+                               torch.cat([_reference_blur(tiny[i:i + 1], s, 23, "replicate", torch.float64)
+                                          for i, s in enumerate((2.0, 1.5))]), rtol=0, atol=1e-6)
+
+
+def test_distortion_never_writes_its_input_and_whole_batches_equal_subsets():
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(4, 3, 30, 30, generator=g)
+    before = x.clone()
+    p = sample_distortion(4, generator=g)
+    p["order"][:] = p["order"][0]  # one jitter group: the whole batch goes through at once
+    for key in ("jitter", "gray", "blur"):
+        p[key][:] = True
+    whole = apply_distortion(x, p, 5)
+    assert torch.equal(x, before)
+    for i in range(4):
+        alone = apply_distortion(x[i:i + 1], {k: v[i:i + 1] for k, v in p.items()}, 5)
+        torch.testing.assert_close(whole[i:i + 1], alone, rtol=0, atol=1e-6)
+    parts = dict(p, jitter=torch.tensor([True, False, True, True]))  # a subset: gathered and scattered
+    mixed = apply_distortion(x, parts, 5)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(mixed[[0, 2, 3]], whole[[0, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[1:2], apply_distortion(x[1:2], {k: v[1:2] for k, v in parts.items()}, 5))
+
+
+def _reference_blur(x, sigma, k, mode="reflect", dtype=torch.float32):
     """Full-length kernel, direct separable convolution in float64."""
     r = k // 2
     w = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
     w = w / w.sum()
-    y = torch.nn.functional.pad(x.double(), (r, r, r, r), mode="reflect")
+    y = torch.nn.functional.pad(x.double(), (r, r, r, r), mode=mode)
     y = sum(w[j] * y[..., j:j + x.shape[-1]] for j in range(k))
     y = sum(w[j] * y[..., j:j + x.shape[-2], :] for j in range(k))
-    return y.float()
+    return y.to(dtype)
 
 
-def test_crop_params_respect_area_and_aspect_ranges():
+def test_inception_crop_matches_torchvision():
     g = torch.Generator().manual_seed(5)
     areas, aspects = [], []
     for _ in range(2000):
-        top, left, h, w = random_resized_crop_params(300, 400, (0.08, 1.0), (3 / 4, 4 / 3), g)
+        top, left, h, w = random_resized_crop_params(300, 400, (0.08, 1.0), (3 / 4, 4 / 3), g, sampler="inception")
         assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
         areas.append(h * w / (300 * 400))
         aspects.append(w / h)
@@ -221,6 +271,101 @@ def test_crop_params_respect_area_and_aspect_ranges():
     tv_aspects = [w / h for _, _, h, w in tv]
     assert np.mean(areas) == pytest.approx(np.mean(tv_areas), abs=0.02)  # sd of a mean of 2000: 0.006
     assert np.mean(aspects) == pytest.approx(np.mean(tv_aspects), abs=0.01)
+
+
+CROP_REFERENCE = json.loads((Path(__file__).parent / "reference" / "crop_reference.json").read_text())
+
+
+def _crop_mismatches(sampler, ref, seed=0):
+    """Draw as many boxes as the TensorFlow reference did and list the quantiles that disagree.
+
+    For the reference's q-quantile v, the share of our boxes below v and at or below v must
+    bracket q within 4.5 standard errors of two independent samples, sqrt(q(1-q)(1/n + 1/m))
+    (0.021 at the median for 20,000 draws each); bracketing handles the ties of small images.
+    """
+    height, width, m = ref["height"], ref["width"], ref["draws"]
+    g = torch.Generator().manual_seed(seed)
+    boxes = np.array([random_resized_crop_params(height, width, (0.08, 1.0), (3 / 4, 4 / 3), g, sampler=sampler)
+                      for _ in range(m)])
+    top, left, h, w = boxes.T
+    values = {"area_fraction": h * w / (height * width), "aspect": w / h}
+    bad = []
+    for name, x in values.items():
+        for q, v in zip(ref["quantiles"], ref[name]):
+            tol = 4.5 * math.sqrt(q * (1 - q) * (2 / m))
+            below, at_or_below = np.mean(x < v - 1e-12), np.mean(x <= v + 1e-12)
+            if not below - tol <= q <= at_or_below + tol:
+                bad.append(f"{height}x{width} {name} q={q}: TF {v:.4f}, ours {np.quantile(x, q):.4f}")
+    return bad, boxes
+
+
+@pytest.mark.parametrize("ref", CROP_REFERENCE["shapes"], ids=lambda r: f"{r['height']}x{r['width']}")
+def test_official_crop_matches_tensorflow_percentiles(ref):
+    """The default crop against boxes that tf.image.sample_distorted_bounding_box drew with the official
+    code's settings (tests/reference/make_crop_reference.py)."""
+    bad, boxes = _crop_mismatches("official", ref)
+    assert not bad, bad
+    height, width, m = ref["height"], ref["width"], ref["draws"]
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    area = h * w / (height * width)
+    assert area.min() >= 0.1 - 1e-12  # min_object_covered: TF's smallest is 0.1 too, never 0.08
+    assert abs(area.min() - ref["area_min"]) < 0.01 and abs(area.max() - ref["area_max"]) < 0.02
+    # TensorFlow draws offsets in [0, H - h): a smaller box never touches the bottom or right edge
+    smaller = (h < height) | (w < width)
+    assert ref["share_touching_bottom_or_right"] == 0
+    assert not (((h < height) & (top + h == height)) | ((w < width) & (left + w == width))).any()
+    whole, ref_whole = (~smaller).mean(), ref["share_whole_image"]  # rare: 0.2% at 32x32, ~0 above
+    assert abs(whole - ref_whole) <= 5 * math.sqrt((whole + ref_whole + 1 / m) / m)
+
+
+def _size_chi2(sampler, ref, seed=1):
+    """Two-sample chi-square of the box sizes (h, w) against TensorFlow's counts, same number of draws;
+    cells with fewer than 10 draws in both samples together are pooled -> (statistic, its 99.9% quantile)."""
+    height, width, m = ref["height"], ref["width"], ref["draws"]
+    g = torch.Generator().manual_seed(seed)
+    ours = Counter(random_resized_crop_params(height, width, (0.08, 1.0), (3 / 4, 4 / 3), g, sampler=sampler)[2:]
+                   for _ in range(m))
+    theirs = Counter({(h, w): c for h, w, c in ref["size_counts"]})
+    cells = [(theirs[k], ours[k]) for k in set(theirs) | set(ours)]
+    big = [c for c in cells if sum(c) >= 10]
+    big.append((sum(a for a, b in cells if a + b < 10), sum(b for a, b in cells if a + b < 10)))
+    stat = sum((a - b) ** 2 / (a + b) for a, b in big if a + b)
+    dof = len(big) - 1
+    return stat, dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, z(0.999)
+
+
+def test_official_crop_sizes_match_tensorflow_at_32px():
+    """At 32x32 the rounding rules decide which whole-pixel boxes exist and how often: the whole
+    distribution of (h, w) must agree with TensorFlow's, not only its percentiles."""
+    ref = next(r for r in CROP_REFERENCE["shapes"] if r["size_counts"])
+    stat, limit = _size_chi2("official", ref)
+    assert stat < limit, (stat, limit)
+    stat, limit = _size_chi2("inception", ref)
+    assert stat > limit, (stat, limit)
+
+
+def test_the_inception_crop_would_fail_the_tensorflow_comparison():
+    ref = next(r for r in CROP_REFERENCE["shapes"] if (r["height"], r["width"]) == (375, 500))
+    bad, boxes = _crop_mismatches("inception", ref)
+    assert any("area_fraction q=0.5" in b for b in bad), bad  # median 0.42 against TF's 0.35
+    assert (boxes[:, 2] * boxes[:, 3]).min() < 0.1 * 375 * 500  # it goes down to 8%
+
+
+def test_official_crop_falls_back_to_the_whole_image_and_checks_its_arguments():
+    # No box of aspect 3-4 covers 90% of a square: after 100 attempts TensorFlow takes the whole image
+    # (the Inception rule would take a central crop instead).
+    g = torch.Generator().manual_seed(0)
+    assert official_crop_params(10, 10, (0.9, 1.0), (3.0, 4.0), g) == (0, 0, 10, 10)
+    assert inception_crop_params(10, 10, (0.9, 1.0), (3.0, 4.0), g) == (3, 0, 3, 10)
+    assert official_crop_params(40, 30, (1.0, 1.0), (0.75, 0.75), g) == (0, 0, 40, 30)  # exactly the image
+    assert random_resized_crop_params(300, 400, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(1)) == \
+        official_crop_params(300, 400, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(1))  # the default
+    with pytest.raises(ValueError, match="crop_sampler"):
+        CropFlip(32, crop_sampler="torchvision")
+    with pytest.raises(ValueError, match="crop sampler"):
+        random_resized_crop_params(30, 30, (0.08, 1.0), (3 / 4, 4 / 3), sampler="uniform")
+    assert SimCLRViews(32, crop_sampler="inception").crop_flip.crop_sampler == "inception"
 
 
 def test_crop_flip_output_and_flip_rate():

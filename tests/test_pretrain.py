@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import pretrain
 from conftest import TINY, run_script
 from model import load_encoder
 
@@ -29,11 +30,28 @@ def test_one_process_end_to_end(run, tmp_path):
 
 
 def test_cifar_recipe_defaults_and_printed_settings(run):
-    result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out")
+    result = run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", "--crop-sampler", "inception")
     settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert settings["cifar_stem"] is True and settings["strength"] == 0.5
     assert settings["blur"] is False and settings["temperature"] == 0.5
     assert "peak lr 0.01875 = 0.3 x batch/256" in result.stdout
+    assert "crop_sampler='inception'" in result.stdout  # the flag reaches the views
+    assert "warning" not in result.stderr  # warmup (1 epoch) = the run: no warning
+
+
+def test_crop_sampler_flag_and_warmup_longer_than_the_run(capsys, monkeypatch):
+    args = pretrain.get_args(["--dataset", "synthetic", "--epochs", "1"])  # warmup stays at 10 epochs
+    assert args.crop_sampler == "official"
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "--warmup-epochs 10 is longer than the run (--epochs 1)" in err
+    assert "stays below 10% of its peak" in err
+    pretrain.get_args(["--dataset", "synthetic", "--epochs", "10"])
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    pretrain.get_args(["--dataset", "synthetic", "--epochs", "1"])
+    assert "warning" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.get_args(["--crop-sampler", "torchvision"])
+    assert "invalid choice: 'torchvision'" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(run, tmp_path):
