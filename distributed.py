@@ -79,10 +79,15 @@ def run(main, errors, describe=str, peer_hint="find the first error above"):
              f"{peer_hint}", code=4, every_rank=True)
 
 
+# Torch >= 2.2 raises DistError (or a subclass) from a failed collective; torch 2.1 has only
+# DistBackendError, and older builds neither.
+DIST_ERRORS = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError") if hasattr(dist, name))
+
+
 def peer_failure(e):
     """Whether an error comes from a collective whose peer process died or stopped answering."""
     text = str(e)
-    return isinstance(e, dist.DistError) or any(
+    return isinstance(e, DIST_ERRORS) or any(
         s in text for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed", "Timed out", "timed out"))
 
 
