@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform, SimCLRViews, distort
-from distributed import (StopRequest, all_sum, cleanup, fail, rank0_first, restore_rng_states, rng_states, run,
+from distributed import (StopRequest, all_sum, fail, rank0_first, restore_rng_states, rng_states, run,
                          setup)
 from features import extract_features, knn_accuracy
 from lars import LARS, warmup_cosine
@@ -289,7 +289,6 @@ def main():
                   "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
         if ctx.ddp:
             dist.barrier()  # nobody exits before rank 0 has written the checkpoint
-        cleanup()
         sys.exit(128 + (stop.signum or signal.SIGTERM))
     t_start, steps_done = time.time(), 0
     for epoch in range(start_epoch, args.epochs):
@@ -362,8 +361,6 @@ def main():
         # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
         if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
             stop_and_exit(f"after epoch {epoch + 1}")
-
-    cleanup()
 
 
 if __name__ == "__main__":

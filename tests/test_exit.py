@@ -1,11 +1,16 @@
-"""How a process of a run ends: which errors count as a dead peer on this torch version; a run
-past its timeout is killed with every process it started."""
+"""How a process of a run ends (distributed.run and teardown): which errors count as a dead
+peer on this torch version, the one-line messages and exit statuses with a real gloo
+process group, the watchdog that bounds a teardown that does not finish, and a test run
+past its timeout killed with every process it started."""
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
 import torch.distributed as dist
 
-from conftest import run_script
+from conftest import ROOT, communicate, run_script
 from distributed import DIST_ERRORS, peer_failure
 
 GLOO_TEXT = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40049"
@@ -22,6 +27,78 @@ def test_peer_failure_classification():
     assert not peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (16x64 and 32x10)"))
     assert not peer_failure(ValueError("bad value"))
 
+
+
+# A one-process gloo group, set up as under torchrun, then distributed.run(main).
+SCRIPT = """
+import os, sys, time, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import distributed
+distributed.TEARDOWN_SECONDS = 2
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
+
+def main():
+    ctx = distributed.setup(global_batch=4)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    model(torch.ones(4, 3)).sum().backward()
+    print("trained", end="")  # no newline, no flush: teardown must flush it
+    {body}
+
+distributed.run(main, (ValueError,))
+"""
+
+
+def run_main(body, timeout=60):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=ROOT, port=port, body=body)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time()
+    out, err = communicate(proc, timeout)
+    return proc.returncode, out, err, time.time() - t0
+
+
+@pytest.mark.parametrize("body,status,line", [
+    ("pass", 0, None),
+    ("distributed.fail('bad input')", 2, "-c: error: bad input"),
+    ("raise ValueError('no such file')", 2, "-c: error: no such file"),
+    ("raise dist.DistBackendError('the peer vanished')", 4,
+     "-c (rank 0): error: another process of this run died or stopped answering (the peer vanished); "
+     "find the first error above"),
+    (f"raise RuntimeError({GLOO_TEXT!r})", 4,
+     f"-c (rank 0): error: another process of this run died or stopped answering ({GLOO_TEXT}); "
+     "find the first error above"),
+])
+def test_exit_status_and_one_line(body, status, line):
+    code, out, err, _ = run_main(body)
+    assert code == status, err
+    assert out == "trained"
+    assert err.splitlines() == ([line] if line else []), err
+
+
+def test_an_unexpected_error_keeps_its_traceback():
+    code, out, err, _ = run_main("raise KeyError('bug')")
+    assert code == 1 and out == "trained"
+    assert "Traceback" in err and "KeyError: 'bug'" in err
+
+
+def test_watchdog_ends_a_teardown_that_blocks_with_the_runs_status():
+    # destroy_process_group waiting forever (as on a hung NCCL peer), the GIL released
+    code, out, err, seconds = run_main("dist.destroy_process_group = lambda group=None: time.sleep(600)")
+    assert code == 0 and out == "trained"
+    assert "-c (rank 0): teardown did not finish within 2 s; exiting with status 0" in err
+    assert 2 <= seconds < 30
+
+
+def test_a_teardown_that_holds_the_gil_still_ends():
+    # A C call that never returns and holds the GIL (as gloo's destructor did): the watchdog
+    # thread cannot run, faulthandler's thread exits with status 1 and every thread's stack.
+    code, out, err, seconds = run_main("import ctypes; dist.destroy_process_group = "
+                                       "lambda group=None: ctypes.PyDLL(None).sleep(600)")
+    assert code == 1 and out == "trained"
+    assert "most recent call first" in err and "teardown did not finish" not in err
+    assert 4 <= seconds < 30
 
 HANG = """import os, signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a rank stuck at exit did
