@@ -4,13 +4,13 @@
 #   tools/compat.sh 2.1.2 0.16.2          # a torch / torchvision pair
 #   tools/compat.sh 2.4.1                 # torchvision: the one pip finds for that torch
 #   tools/compat.sh latest                # the newest of both
-#   tools/compat.sh 2.1.2 0.16.2 tests/test_exit.py   # arguments after the versions go to pytest
+#   tools/compat.sh 2.1.2 0.16.2 tests/test_exit.py   # pytest arguments instead of `tests`
 #
 # The environment is made in $COMPAT_DIR/torch-VERSION (default ~/.cache/simclr-compat),
 # outside the repository, from requirements.txt plus the pinned versions and pytest, and is
 # reused by a later run. Torch before 2.3 was built against NumPy 1, so it gets numpy<2.
 # $PYTHON chooses the interpreter (default python3; torch 2.1 has wheels up to Python 3.11).
-# (instead of the default, tests). The last line gives the date, the versions and pytest's summary; the exit status is pytest's.
+# The last line gives the date, the versions and pytest's summary; the exit status is pytest's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
