@@ -48,7 +48,7 @@ distributed.run(main, (ValueError,))
 """
 
 
-def run_main(body, timeout=60):
+def run_main(body, timeout=120):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -88,7 +88,7 @@ def test_watchdog_ends_a_teardown_that_blocks_with_the_runs_status():
     code, out, err, seconds = run_main("dist.destroy_process_group = lambda group=None: time.sleep(600)")
     assert code == 0 and out == "trained"
     assert "-c (rank 0): teardown did not finish within 2 s; exiting with status 0" in err
-    assert 2 <= seconds < 30
+    assert 2 <= seconds < 90  # the interpreter's start included: generous on loaded machines
 
 
 def test_a_teardown_that_holds_the_gil_still_ends():
@@ -98,7 +98,7 @@ def test_a_teardown_that_holds_the_gil_still_ends():
                                        "lambda group=None: ctypes.PyDLL(None).sleep(600)")
     assert code == 1 and out == "trained"
     assert "most recent call first" in err and "teardown did not finish" not in err
-    assert 4 <= seconds < 30
+    assert 4 <= seconds < 90
 
 HANG = """import os, signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a rank stuck at exit did
