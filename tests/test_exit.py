@@ -2,6 +2,7 @@
 peer on this torch version, the one-line messages and exit statuses with a real gloo
 process group, the watchdog that bounds a teardown that does not finish, and a test run
 past its timeout killed with every process it started."""
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0
 
 def main():
     ctx = distributed.setup(global_batch=4)
+    stop = distributed.StopRequest()  # as pretrain.py: SIGTERM only sets a flag during training
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
     model(torch.ones(4, 3)).sum().backward()
     print("trained", end="")  # no newline, no flush: teardown must flush it
@@ -99,6 +101,14 @@ def test_a_teardown_that_holds_the_gil_still_ends():
     assert code == 1 and out == "trained"
     assert "most recent call first" in err and "teardown did not finish" not in err
     assert 4 <= seconds < 90
+
+def test_sigterm_ends_a_teardown_at_once():
+    # The stop-request handler is gone in teardown: a scheduler's SIGTERM is no longer ignored.
+    code, out, err, seconds = run_main("import signal; dist.destroy_process_group = lambda group=None: "
+                                       "(os.kill(os.getpid(), signal.SIGTERM), time.sleep(600))")
+    assert code == -signal.SIGTERM and out == "trained"
+    assert "teardown did not finish" not in err
+
 
 HANG = """import os, signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a rank stuck at exit did
