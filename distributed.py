@@ -1,11 +1,16 @@
 """Process set-up shared by the scripts: torchrun (NCCL on CUDA, gloo on CPU)
-or one plain process on GPU or CPU, the one-line error exit, stop signals,
-and the global random generators' state."""
+or one plain process on GPU or CPU, the one-line error exit, a teardown that
+always ends the process, stop signals, and the global random generators' state."""
 import datetime
+import faulthandler
+import gc
 import os
 import random
 import signal
 import sys
+import threading
+import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -54,41 +59,115 @@ def setup(global_batch=None, timeout_minutes=10):
 
 
 def fail(message, code=2, every_rank=False):
-    """Exit with one line on stderr (from rank 0 only under torchrun, unless every_rank), no traceback."""
+    """Exit with one line on stderr (from rank 0 only under torchrun, unless every_rank), no traceback.
+    Inside run(), the process group is then torn down there (see teardown)."""
     rank = int(os.environ.get("RANK", 0))
     if rank == 0 or every_rank:
         where = f" (rank {rank})" if every_rank and "RANK" in os.environ else ""
         print(f"{os.path.basename(sys.argv[0])}{where}: error: {message}", file=sys.stderr, flush=True)
-    if not every_rank:  # every_rank: a peer failed, and tearing down the group could block on it
-        cleanup()
     sys.exit(code)
 
 
+PEER_FAILED = 4  # the exit status of a process whose peer died or stopped answering
+OUT_OF_MEMORY = 5  # the exit status of a process that ran out of memory (its peers may wait in a collective)
+
+
 def run(main, errors, describe=str, peer_hint="find the first error above"):
-    """Run a script's main(): an exception of the types in `errors`, raised anywhere (data
-    workers included), ends it with one line, `describe(e)`; so does a collective failing
-    because another process died or stopped answering, on every rank, with `peer_hint`."""
+    """Run a script's main() and end the process with its status: 0, fail()'s code, 128 + signal
+    after a stop request, or 1 after an unexpected error (with its traceback).
+
+    An exception of the types in `errors`, raised anywhere (data workers included), ends it with
+    one line, `describe(e)`; so does a collective failing because another process died or
+    stopped answering, on every rank, with `peer_hint`. Under torchrun the process group is
+    then torn down in an order that cannot hang (see teardown)."""
     try:
-        main()
-    except errors as e:
-        fail(describe(e))
-    except RuntimeError as e:
-        if not (dist.is_available() and dist.is_initialized() and peer_failure(e)):
-            raise
-        fail(f"another process of this run died or stopped answering ({' '.join(str(e).split())[:200]}); "
-             f"{peer_hint}", code=4, every_rank=True)
+        try:
+            main()
+        except errors as e:
+            fail(describe(e))
+        except RuntimeError as e:
+            if not (dist.is_available() and dist.is_initialized() and peer_failure(e)):
+                raise
+            fail(f"another process of this run died or stopped answering ({' '.join(str(e).split())[:200]}); "
+                 f"{peer_hint}", code=PEER_FAILED, every_rank=True)
+    except SystemExit as e:  # fail(), a stop request, argparse
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except BaseException as e:  # a bug, or a second Ctrl-C: keep the traceback
+        traceback.print_exc()
+        status = 130 if isinstance(e, KeyboardInterrupt) else 1
+    else:
+        status = 0
+    # Here main()'s frames are gone, and with them the references to the DDP wrapper, whose
+    # reducer holds the process group, and to the data loaders.
+    if dist.is_available() and dist.is_initialized():
+        teardown(status, destroy=status not in (PEER_FAILED, OUT_OF_MEMORY))
+    sys.exit(status)
+
+
+# Torch >= 2.2 raises DistError (or a subclass) from a failed collective; torch 2.1 has only
+# DistBackendError, and older builds neither.
+DIST_ERRORS = tuple(getattr(dist, name) for name in ("DistError", "DistBackendError") if hasattr(dist, name))
 
 
 def peer_failure(e):
     """Whether an error comes from a collective whose peer process died or stopped answering."""
     text = str(e)
-    return isinstance(e, dist.DistError) or any(
+    return isinstance(e, DIST_ERRORS) or any(
         s in text for s in ("gloo", "NCCL", "Connection reset by peer", "Connection closed", "Timed out", "timed out"))
 
 
-def cleanup():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+TEARDOWN_SECONDS = 60  # a teardown that takes longer is abandoned: every result is saved before it starts
+
+
+def teardown(status, destroy=True):
+    """Destroy the process group and end the process with `status`, in an order that cannot hang.
+
+    run() calls it once main() has returned. gc.collect() first frees whatever reference cycles
+    still hold (a DDP wrapper, data loaders and their workers) while the group is registered,
+    so freeing them destroys nothing. destroy_process_group() then shuts the backends down
+    (NCCL aborts its communicators) and forgets the group. The process ends with os._exit,
+    after flushing output, while this function still holds the last reference to the group.
+
+    Why not let Python free the group: dropping its last reference on the main thread runs the
+    gloo backend's C++ destructor, which joins gloo's worker threads while holding the GIL. A
+    worker that still needs the GIL (to free the Python object of a finished collective's
+    tensor, for one) then waits for it forever, and so does the main thread: a finished run
+    that never exits and ignores SIGTERM (seen intermittently on torch 2.1 and 2.4, with stack
+    dumps). The operating system reclaims those threads and sockets at exit instead.
+
+    destroy=False (a peer died) skips destroy_process_group, which could wait on the dead peer.
+    Whatever still blocks is bounded: SIGTERM and SIGINT end the process at once again (the
+    results are saved), and a watchdog exits with `status` after TEARDOWN_SECONDS. The watchdog
+    is a Python thread, so it cannot run while a C++ call holds the GIL; for that case
+    faulthandler's own thread dumps every thread's stack and exits with status 1 at twice that time."""
+    for out in (sys.stdout, sys.stderr):
+        out.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    threading.Thread(target=_exit_after, args=(TEARDOWN_SECONDS, status), daemon=True).start()
+    faulthandler.dump_traceback_later(2 * TEARDOWN_SECONDS, exit=True)  # see the docstring's last line
+    gc.collect()
+    world = dist.group.WORLD  # held until os._exit, so the group's destructor never runs (see above)
+    if destroy:
+        try:
+            dist.destroy_process_group(world)
+        except Exception as e:  # exit anyway: the results are saved
+            print(f"warning: destroying the process group failed: {' '.join(str(e).split())[:200]}",
+                  file=sys.stderr)
+    for out in (sys.stdout, sys.stderr):
+        out.flush()
+    os._exit(status)
+
+
+def _exit_after(seconds, status):
+    time.sleep(seconds)
+    who = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+    print(f"{os.path.basename(sys.argv[0])}{who}: teardown did not finish within {seconds} s; exiting with "
+          f"status {status} (results were saved before it began)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def rank0_first(ctx, build, errors):
@@ -124,7 +203,7 @@ def all_sum(x, ctx):
 
 class StopRequest:
     """SIGTERM / SIGINT (what schedulers send before preemption, and Ctrl-C) set a flag;
-    the training loop finishes its step, saves, and exits. A second SIGINT stops at once;
+    the training loop acts on it at its next log line: saves, and exits. A second SIGINT stops at once;
     further SIGTERMs (torchrun forwards the one it gets) do not interrupt the save."""
 
     def __init__(self):
@@ -137,7 +216,7 @@ class StopRequest:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.signum = self.signum or signum
         who = f"rank {os.environ['RANK']} " if "RANK" in os.environ else ""
-        print(f"{who}received {signal.Signals(signum).name}: stopping after this step and saving "
+        print(f"{who}received {signal.Signals(signum).name}: stopping at the next log line and saving "
               "(Ctrl-C again to stop without saving)", file=sys.stderr, flush=True)
 
 

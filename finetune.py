@@ -40,7 +40,7 @@ from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
-from distributed import all_sum, cleanup, fail, rank0_first, run, setup
+from distributed import all_sum, fail, rank0_first, run, setup
 from features import extract_features, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
@@ -243,7 +243,6 @@ def main():
         print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
               + f"; wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
-    cleanup()
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
-from distributed import all_sum, cleanup, fail, rank0_first, run, setup
+from distributed import all_sum, fail, rank0_first, run, setup
 from features import extract_features, knn_accuracy, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
@@ -165,7 +165,6 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
         print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
               + f"; wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
-    cleanup()
 
 
 def main():
@@ -307,7 +306,6 @@ def main():
         print(f"kNN top-1 {knn_top1:.2f}%; linear top-1 {accs[0]:.2f}%"
               + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "") + f"; wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
-    cleanup()
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
-from distributed import (StopRequest, all_sum, cleanup, fail, rank0_first, restore_rng_states, rng_states, run,
-                         setup)
+from distributed import (OUT_OF_MEMORY, StopRequest, all_sum, fail, rank0_first, restore_rng_states, rng_states,
+                         run, setup)
 from features import extract_features, knn_accuracy
 from lars import LARS, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
@@ -200,13 +200,13 @@ def first_nonfinite(record, loss, step):
     return torch.where((record[0] < 0) & ~torch.isfinite(loss), now, record)
 
 
-OUT_OF_MEMORY = tuple({getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError} - {None})
+OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError} - {None})
 
 
 def is_out_of_memory(e):
     """torch.OutOfMemoryError (torch >= 2.5), torch.cuda.OutOfMemoryError, or the plain
     RuntimeError that older torch and some backends raise."""
-    return isinstance(e, OUT_OF_MEMORY) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    return isinstance(e, OOM_ERRORS) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
 def out_of_memory_text(args, ctx, per_rank, step, ckpt_path):
@@ -286,9 +286,10 @@ def main():
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
-                # This rank alone may have run out, with the others inside a collective: no teardown,
-                # every rank that runs out says so, torchrun ends the rest.
-                fail(out_of_memory_text(args, ctx, per_rank, step, ckpt_path), code=5, every_rank=ctx.ddp)
+                # This rank alone may have run out, with the others inside a collective: every rank
+                # that runs out says so and exits without destroying the group; torchrun ends the rest.
+                fail(out_of_memory_text(args, ctx, per_rank, step, ckpt_path), code=OUT_OF_MEMORY,
+                     every_rank=ctx.ddp)
             sums[:2] += stats
             unreadable += int(bad_images.sum())
             steps_done += 1
@@ -311,8 +312,6 @@ def main():
         # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
         if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
             stop_and_exit(job, stop, epoch + 1, 0, None)
-
-    cleanup()
 
 
 def prepare_out(args, master):
@@ -459,7 +458,6 @@ def stop_and_exit(job, stop, epoch, step_in_epoch, sums):
               "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
     if ctx.ddp:
         dist.barrier()  # nobody exits before rank 0 has written the checkpoint
-    cleanup()
     sys.exit(128 + (stop.signum or signal.SIGTERM))
 
 

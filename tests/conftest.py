@@ -1,5 +1,6 @@
 """Shared helpers: the repository on sys.path, and running the scripts as users do."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,15 +15,61 @@ TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "0.25", "--sy
 
 
 def run_script(args, cwd, torchrun=0, timeout=600):
-    """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess."""
+    """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess.
+    One that has not exited after `timeout` seconds is killed with all its processes and fails the test."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
     script = os.path.join(ROOT, args[0])
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
     else:
         cmd = [sys.executable, script]
-    return subprocess.run(cmd + [str(a) for a in args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.Popen(cmd + [str(a) for a in args[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = communicate(proc, timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def communicate(proc, timeout):
+    """proc.communicate(timeout); past it, kill the process and all its descendants and fail the test."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, proc.args))} did not exit within {timeout} s; killed it and "
+                             f"its processes\n{out[-2000:]}\n{err[-2000:]}") from None
+
+
+def descendants(pid):
+    """Process ids of pid's children, their children, and so on (read from /proc)."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # exited meanwhile
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parent_of.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def kill_tree(pid):
+    """SIGKILL a process started with start_new_session and every process below it. torchrun starts
+    each rank in a session of its own, so killing the launcher's process group would miss them;
+    SIGKILL, because a rank stuck at exit may ignore SIGTERM."""
+    tree = [pid, *descendants(pid)]  # before any dies: orphans lose their link to pid
+    for p in tree:
+        try:
+            group = os.getpgid(p)
+            if group != os.getpgrp():  # never the test's own group
+                os.killpg(group, signal.SIGKILL)
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture
