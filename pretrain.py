@@ -107,7 +107,7 @@ def get_args(argv=None):
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only the input of the stem and of each residual block for the backward pass and "
                         "recompute the rest there: exact (same loss, gradients, BN statistics); ResNet-50 on CPU: "
-                        "3.4x less activation memory, 1.36x the step time. For a per-GPU "
+                        "3.4x less activation memory, 1.3-1.4x the step time. For a per-GPU "
                         "batch that does not fit otherwise, e.g. --batch-size 4096 on 8 GPUs of 40 GB")
     r.add_argument("--log-every", type=int, default=50,
                    help="steps between log lines; also how often the loss is checked for NaN and stop signals are "
