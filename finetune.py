@@ -94,7 +94,8 @@ def main():
     if args.out is None:
         tag = (os.path.splitext(os.path.basename(args.subset_file))[0] if args.subset_file
                else f"{100 * args.label_fraction:g}pct")
-        args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}.json"
+        args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
+        args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
 
     ctx = setup(args.batch_size)
     device, master = ctx.device, ctx.master
@@ -109,11 +110,10 @@ def main():
         train, test = build("train"), build("test")
         chosen = (data.subset_from_file(train, args.subset_file) if args.subset_file
                   else data.balanced_subset(data.labels_of(train), args.label_fraction, args.seed))
-        return train, test, chosen
+        return train, data.first_images(test, args.max_images), chosen[:args.max_images]  # --max-images: first N
 
     train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
     classes = data.num_classes(train_raw)
-    chosen, test_raw = chosen[:args.max_images], data.first_images(test_raw, args.max_images)
     if len(chosen) < args.batch_size:
         fail(f"the labelled subset has {len(chosen)} images, fewer than one batch of {args.batch_size}; "
              "lower --batch-size or raise --label-fraction")

@@ -100,6 +100,7 @@ def resolve(args, settings):
         fail("--max-images must be at least 1 and --progress-every at least 0")
     if args.out is None:
         tags = "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else "")
+        tags += f"_first{args.max_images}" if args.max_images else ""  # a dry run keeps the real results
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
     return args
 
@@ -132,12 +133,12 @@ def main():
     if args.channels_last:
         encoder.to(memory_format=torch.channels_last)
 
-    def build(split):
-        return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+    def build(split):  # --max-images: the first N images (class names kept)
+        return data.first_images(data.build_dataset(args.dataset, args.data_dir, split, args.image_size,
+                                                    args.synthetic_size), args.max_images)
 
     train_raw, test_raw = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
     classes = data.num_classes(train_raw)
-    train_raw, test_raw = (data.first_images(d, args.max_images) for d in (train_raw, test_raw))
     if len(train_raw) < args.batch_size:
         fail(f"the training set has {len(train_raw)} images, fewer than one batch of {args.batch_size}; "
              "lower --batch-size")

@@ -49,8 +49,8 @@ def test_linear_eval_paper_protocol_end_to_end(pretrained, tmp_path):
 
 def test_linear_eval_knn_and_max_images(pretrained, tmp_path):
     result = run_ok(["linear_eval.py", pretrained / "encoder.pt", *FAST, "--knn", "--max-images", "12",
-                     "--batch-size", "8", "--epochs", "1", "--progress-every", "0", "--out", "r.json"], tmp_path)
-    res = json.loads((tmp_path / "r.json").read_text())
+                     "--batch-size", "8", "--epochs", "1", "--progress-every", "0"], tmp_path)
+    res = json.loads((pretrained / "encoder.linear_first12.json").read_text())  # not the full run's file
     assert res["train_images"] == 12 and res["test_images"] == 12 and res["max_images"] == 12
     assert res["classes"] == 10 and 0 <= res["knn_top1"] <= 100 and "kNN (k=20, t=0.1)" in result.stdout
     assert sorted(res["phase_seconds"]) == ["knn", "test_features", "train", "train_features"]
@@ -125,9 +125,8 @@ def test_finetune_end_to_end_and_subset_file(pretrained, tmp_path):
             "--batch-size", "16", "--epochs", "1", "--out", "s.json"], tmp_path)
     assert json.loads((tmp_path / "s.json").read_text())["train_images"] == 32
     quick = run_ok(["finetune.py", pretrained / "encoder.pt", "--label-fraction", "0.5", "--workers", "0",
-                    "--batch-size", "8", "--epochs", "1", "--max-images", "10", "--progress-every", "0",
-                    "--out", "q.json"], tmp_path)
-    res = json.loads((tmp_path / "q.json").read_text())
+                    "--batch-size", "8", "--epochs", "1", "--max-images", "10", "--progress-every", "0"], tmp_path)
+    res = json.loads((pretrained / "encoder.finetune_50pct_first10.json").read_text())
     assert res["train_images"] == 10 and res["test_images"] == 10 and sorted(res["phase_seconds"]) == ["test", "train"]
     assert "epoch 1/1: 8/8 images (100%)" in quick.stdout and "test: 10/10 images (100%)" in quick.stdout
 
