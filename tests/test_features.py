@@ -78,7 +78,7 @@ def test_evaluation_memory_stays_within_one_and_a_half_copies_of_the_features():
     memory, kNN of 128 test images against them, one epoch of a linear classifier on
     them, in a fresh process whose peak RSS counts live tensors (bench.py's trick, peak reset after start-up).
     The unchunked kNN alone made a float32 normalised copy (2x the features' bytes) on
-    top of them: 4.9x measured. 15-40 s on 2 loaded cores; 128 test rows keep the kNN matmul
+    top of them: 5.0x measured. 15-40 s on 2 loaded cores; 128 test rows keep the kNN matmul
     short without changing the bound, which the training-set chunks set."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "features_memory_worker.py"),
