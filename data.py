@@ -197,6 +197,18 @@ def balanced_subset(labels, fraction, seed=0):
     return np.sort(np.concatenate(chosen))
 
 
+def first_images(dataset, n):
+    """The first n images of a dataset (all when n is None or larger), keeping its class
+    names and file names: --max-images, a quick end-to-end check of a large dataset."""
+    if n is None or n >= len(dataset):
+        return dataset
+    part = torch.utils.data.Subset(dataset, range(n))
+    part.classes = dataset.classes
+    if hasattr(dataset, "samples"):
+        part.samples = dataset.samples[:n]
+    return part
+
+
 def subset_from_file(dataset, path):
     """Indices of the images a file names, one per line: file names for imagefolder
     (as the official ImageNet 1% / 10% lists: n01440764_10026.JPEG), indices otherwise."""

@@ -23,8 +23,12 @@ and fine-tunes them with the encoder, the new linear head reading their output;
 v2 uses K = 1. It needs a checkpoint that carries the head (pretrain.py's, or
 convert_official.py's from a v2 checkpoint).
 
-Prints top-1 (and top-5 with at least 5 classes), writes JSON next to the
-checkpoint, and ends with the line `top-1 accuracy: XX.XX%`.
+--max-images N trains on the first N images of the labelled subset and tests
+on the first N test images: a quick end-to-end check before a long run.
+
+Prints progress every --progress-every seconds, top-1 (and top-5 with at
+least 5 classes), writes JSON next to the checkpoint (with the seconds each
+phase took), and ends with the line `top-1 accuracy: XX.XX%`.
 """
 import argparse
 import json
@@ -41,7 +45,7 @@ from torch.utils.data import Subset
 import data
 from augment import EvalTransform
 from distributed import all_sum, fail, rank0_first, run, setup
-from features import extract_features, topk_accuracy
+from features import Progress, extract_features, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
 
@@ -75,11 +79,16 @@ def get_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
     p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use only the first N images of the labelled subset and of the test set (a quick check)")
+    p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
     args = p.parse_args(argv)
     if not 0 < args.label_fraction <= 1:
         p.error("--label-fraction must lie in (0, 1]")
     if args.from_head_layer < 0:
         p.error("--from-head-layer must be at least 0")
+    if (args.max_images is not None and args.max_images < 1) or args.progress_every < 0:
+        p.error("--max-images must be at least 1 and --progress-every at least 0")
     return args
 
 
@@ -121,7 +130,8 @@ def main():
     if args.out is None:
         tag = (os.path.splitext(os.path.basename(args.subset_file))[0] if args.subset_file
                else f"{100 * args.label_fraction:g}pct")
-        args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}.json"
+        args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
+        args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
 
     ctx = setup(args.batch_size)
     device, master = ctx.device, ctx.master
@@ -136,7 +146,7 @@ def main():
         train, test = build("train"), build("test")
         chosen = (data.subset_from_file(train, args.subset_file) if args.subset_file
                   else data.balanced_subset(data.labels_of(train), args.label_fraction, args.seed))
-        return train, test, chosen
+        return train, data.first_images(test, args.max_images), chosen[:args.max_images]  # --max-images: first N
 
     train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
     classes = data.num_classes(train_raw)
@@ -196,6 +206,8 @@ def main():
         model.train()  # BN in train mode: the whole network is fine-tuned
         sums = torch.zeros(3, device=device)
         t_epoch = time.time()
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch * args.batch_size,
+                            args.progress_every, master)
         for i, (x, y, _) in enumerate(train_loader):
             step = epoch * steps_per_epoch + i
             lr = warmup_cosine(step, total_steps, peak_lr)
@@ -212,6 +224,7 @@ def main():
             optimizer.step()
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                  torch.tensor(float(len(y)), device=device)])
+            progress.update(len(y) * ctx.world)
         sums = all_sum(sums, ctx)
         train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
         if not math.isfinite(train_loss):
@@ -220,8 +233,12 @@ def main():
             print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
                   f"({time.time() - t_epoch:.1f}s)", flush=True)
 
+    phases = {"train": round(time.time() - t_train, 1)}  # seconds each phase took
+    t_test = time.time()
     net.eval()  # the test set, once, after the last epoch
-    scores, test_y = extract_features(net, test_loader, device, args.amp, args.channels_last)
+    scores, test_y = extract_features(net, test_loader, device, args.amp, args.channels_last, what="test",
+                                      progress_every=args.progress_every)
+    phases["test"] = round(time.time() - t_test, 1)
     ks = (1, 5) if classes >= 5 else (1,)
     accs = topk_accuracy(scores.float(), test_y, ks)
     results = {
@@ -233,7 +250,8 @@ def main():
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": peak_lr,
         "weight_decay": args.weight_decay, "seed": args.seed, "final_train_loss": train_loss,
         "final_train_acc": train_acc, "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
-        "train_time_s": round(time.time() - t_train, 1), "processes": ctx.world,
+        "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
+        "max_images": args.max_images,
     }
     if master:
         tmp = f"{args.out}.tmp.{os.getpid()}"

@@ -474,10 +474,11 @@ def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
         t_knn = time.time()
         encoder.eval()  # BN running statistics, as the evaluation scripts use
         (train_f, train_y), (test_f, test_y) = (
-            extract_features(encoder, ld, ctx.device, args.amp, args.channels_last) for ld in knn["loaders"])
+            extract_features(encoder, ld, ctx.device, args.amp, args.channels_last, what=f"kNN {split} features")
+            for ld, split in zip(knn["loaders"], ("train", "test")))
         encoder.train()
         record["knn_top1"] = knn_accuracy(train_f, train_y, test_f, test_y, knn["classes"],
-                                          args.knn_k, args.knn_temperature)
+                                          args.knn_k, args.knn_temperature, ctx.device)
         if ctx.master:
             print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
                   f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)

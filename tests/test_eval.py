@@ -32,14 +32,29 @@ def run_ok(args, cwd, torchrun=0):
 
 
 def test_linear_eval_paper_protocol_end_to_end(pretrained, tmp_path):
-    result = run_ok(["linear_eval.py", pretrained / "encoder.pt", *FAST], tmp_path)
+    result = run_ok(["linear_eval.py", pretrained / "encoder.pt", *FAST, "--progress-every", "0"], tmp_path)
     res = json.loads((pretrained / "encoder.linear.json").read_text())
     assert res["dataset"] == "synthetic" and res["image_size"] == 32  # from the checkpoint
     assert res["train_images"] == 64 and res["test_images"] == 16 and res["classes"] == 10
     assert not res["cached_features"] and not res["random_init"]
-    assert 0 <= res["top1"] <= res["top5"] <= 100 and 0 <= res["knn_top1"] <= 100
-    assert f"top-1 accuracy: {res['top1']:.2f}%" in result.stdout
-    assert "top-5" in result.stdout and "kNN (k=20, t=0.1)" in result.stdout
+    assert 0 <= res["top1"] <= res["top5"] <= 100
+    assert f"top-1 accuracy: {res['top1']:.2f}%" in result.stdout and "top-5" in result.stdout
+    # no pass over the training set's un-augmented images, hence no kNN, unless --knn
+    assert res["knn_top1"] is None and "kNN" not in result.stdout and "train features" not in result.stdout
+    assert sorted(res["phase_seconds"]) == ["test_features", "train"]
+    assert re.search(r"^test features: 16/16 images \(100%\), \d+ img/s, elapsed \d:\d\d:\d\d, ETA 0:00:00$",
+                     result.stdout, re.M)
+    assert re.search(r"^epoch 2/2: 64/64 images \(100%\)", result.stdout, re.M)  # 4 steps x batch 16
+
+
+def test_linear_eval_knn_and_max_images(pretrained, tmp_path):
+    result = run_ok(["linear_eval.py", pretrained / "encoder.pt", *FAST, "--knn", "--max-images", "12",
+                     "--batch-size", "8", "--epochs", "1", "--progress-every", "0"], tmp_path)
+    res = json.loads((pretrained / "encoder.linear_first12.json").read_text())  # not the full run's file
+    assert res["train_images"] == 12 and res["test_images"] == 12 and res["max_images"] == 12
+    assert res["classes"] == 10 and 0 <= res["knn_top1"] <= 100 and "kNN (k=20, t=0.1)" in result.stdout
+    assert sorted(res["phase_seconds"]) == ["knn", "test_features", "train", "train_features"]
+    assert "train features: 12/12 images (100%)" in result.stdout
 
 
 def test_full_checkpoint_and_export_give_the_same_features(pretrained, tmp_path):
@@ -109,6 +124,11 @@ def test_finetune_end_to_end_and_subset_file(pretrained, tmp_path):
     run_ok(["finetune.py", pretrained / "encoder.pt", "--subset-file", tmp_path / "ids.txt", "--workers", "0",
             "--batch-size", "16", "--epochs", "1", "--out", "s.json"], tmp_path)
     assert json.loads((tmp_path / "s.json").read_text())["train_images"] == 32
+    quick = run_ok(["finetune.py", pretrained / "encoder.pt", "--label-fraction", "0.5", "--workers", "0",
+                    "--batch-size", "8", "--epochs", "1", "--max-images", "10", "--progress-every", "0"], tmp_path)
+    res = json.loads((pretrained / "encoder.finetune_50pct_first10.json").read_text())
+    assert res["train_images"] == 10 and res["test_images"] == 10 and sorted(res["phase_seconds"]) == ["test", "train"]
+    assert "epoch 1/1: 8/8 images (100%)" in quick.stdout and "test: 10/10 images (100%)" in quick.stdout
 
 
 def test_finetune_under_torchrun(pretrained, tmp_path):
@@ -145,6 +165,8 @@ def test_a_training_set_smaller_than_the_batch_is_the_batch(pretrained, tmp_path
     ("linear_eval.py", ["missing.pt"], "does not exist"),
     ("linear_eval.py", ["foreign.pt"], "not a checkpoint written by"),
     ("finetune.py", ["ENC", "--subset-file", "nothing.txt"], "does not exist"),
+    ("linear_eval.py", ["ENC", "--max-images", "0"], "--max-images must be at least 1"),
+    ("finetune.py", ["ENC", "--max-images", "0"], "--max-images must be at least 1"),
 ])
 def test_bad_input_is_one_clear_line(pretrained, tmp_path, script, args, text):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
