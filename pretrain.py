@@ -58,6 +58,9 @@ def get_args(argv=None):
     d.add_argument("--image-size", type=int, default=None,
                    help="crop size; default: 224 imagefolder, 96 stl10, 32 cifar/synthetic")
     d.add_argument("--synthetic-size", type=int, default=512, help="number of generated training images")
+    d.add_argument("--max-images", type=int, default=None,
+                   help="use only the first N images of each split (pretraining, kNN train and test): a quick "
+                        "end-to-end check of a large dataset before the real run")
     d.add_argument("--workers", type=int, default=None, help="data loading processes per rank; default: CPUs / ranks, at most 8")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="resnet50", choices=list(ARCHS))
@@ -137,7 +140,8 @@ def get_args(argv=None):
         args.knn_every = 0 if args.dataset == "imagefolder" else 10
     if args.workers is None:
         args.workers = data.default_workers()
-    for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every"):
+    for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every") + (
+            ("max_images",) if args.max_images is not None else ()):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature <= 0 or args.width <= 0:
@@ -335,7 +339,8 @@ def prepare_out(args, master):
 def build_data(args, ctx, per_rank):
     """The pretraining loader and, with --knn-every, the kNN monitor's -> (loader, views, knn)."""
     def build(split):
-        return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+        dataset = data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+        return data.first_images(dataset, args.max_images)
 
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
     if len(raw) < args.batch_size:

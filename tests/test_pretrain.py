@@ -112,6 +112,8 @@ def one_line_error(result, text):
     (["--dataset", "imagefolder", "--data-dir", "nowhere"], "ImageNet layout"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--compile", "--activation-checkpointing"], "cannot be combined"),
+    (["--max-images", "0"], "--max-images must be at least 1"),
+    (["--max-images", "8"], "the dataset has 8 images, fewer than one global batch of 16"),
 ])
 def test_bad_input_is_one_clear_line(run, flags, text):
     one_line_error(run("pretrain.py", *TINY, "--out", "out", *flags, check=False), text)
@@ -198,3 +200,11 @@ def test_out_of_memory_is_one_line_with_the_ways_out(tmp_path, monkeypatch, torc
         assert result.stderr.strip() == lines[0]
     for name, data in saved.items():  # nothing saved is lost
         assert (tmp_path / "out" / name).read_bytes() == data
+
+
+def test_max_images_limits_every_split(run, tmp_path):
+    result = run("pretrain.py", *TINY, "--epochs", "1", "--max-images", "8", "--batch-size", "8", "--knn-every", "1",
+                 "--out", "out")
+    log = read_log(tmp_path / "out" / "log.jsonl")
+    assert log[0]["step"] == 1  # 8 of the 64 images, at batch 8
+    assert "8 train / 8 test images" in result.stdout  # the kNN monitor's splits too (64 and 16 without)
