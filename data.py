@@ -197,6 +197,19 @@ def balanced_subset(labels, fraction, seed=0):
     return np.sort(np.concatenate(chosen))
 
 
+def fit_batch(n, batch_size, world, what, hint=""):
+    """The global batch for training on n images: batch_size, or, when the set is smaller,
+    the whole set (rounded down to a multiple of the processes) -> (batch, note or None).
+    The caller scales the learning rate for the batch it gets, as for any batch."""
+    if n >= batch_size:
+        return batch_size, None
+    if n < world:
+        raise DataError(f"{what} has {n} images, fewer than the {world} processes{hint}")
+    batch = n // world * world
+    return batch, (f"note: {what} has {n} images, fewer than --batch-size {batch_size}: each step uses {batch} "
+                   f"of them (batch {batch}, one step per epoch)")
+
+
 def first_images(dataset, n):
     """The first n images of a dataset (all when n is None or larger), keeping its class
     names and file names: --max-images, a quick end-to-end check of a large dataset."""

@@ -136,8 +136,6 @@ def main():
     ctx = setup(args.batch_size)
     device, master = ctx.device, ctx.master
     args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
-    per_rank = args.batch_size // ctx.world
-    peak_lr = args.lr * args.batch_size / 256
 
     def build(split):
         return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
@@ -150,16 +148,11 @@ def main():
 
     train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
     classes = data.num_classes(train_raw)
-    if len(chosen) < args.batch_size:  # a small subset: all of it is the batch
-        if len(chosen) < ctx.world:
-            fail(f"the labelled subset has {len(chosen)} images, fewer than the {ctx.world} processes; "
-                 "raise --label-fraction")
-        requested, args.batch_size = args.batch_size, len(chosen) // ctx.world * ctx.world
-        per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
-        if master:
-            print(f"note: the labelled subset has {len(chosen)} images, fewer than --batch-size {requested}: "
-                  f"each step uses {args.batch_size} of them (batch {args.batch_size}, one step per epoch), "
-                  f"peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
+    args.batch_size, note = data.fit_batch(len(chosen), args.batch_size, ctx.world, "the labelled subset",
+                                           hint="; raise --label-fraction")  # a small subset: all of it
+    per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+    if note and master:
+        print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     subset_classes = len(set(data.labels_of(train_raw)[chosen].tolist()))
 
     torch.manual_seed(args.seed)

@@ -193,8 +193,6 @@ def main():
     args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
     if args.checkpoint_classifier:
         return evaluate_checkpoint_classifier(args, encoder, ckpt, ctx)
-    per_rank = args.batch_size // ctx.world
-    peak_lr = args.lr * args.batch_size / 256
     if args.random_init:
         torch.manual_seed(args.seed)
         encoder = build_encoder(**encoder.config)
@@ -212,15 +210,11 @@ def main():
 
     train_raw, test_raw = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
     classes = data.num_classes(train_raw)
-    if len(train_raw) < args.batch_size:  # a small dataset: the whole training set is the batch
-        if len(train_raw) < ctx.world:
-            fail(f"the training set has {len(train_raw)} images, fewer than the {ctx.world} processes")
-        requested, args.batch_size = args.batch_size, len(train_raw) // ctx.world * ctx.world
-        per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
-        if master:
-            print(f"note: the training set has {len(train_raw)} images, fewer than --batch-size {requested}: "
-                  f"each step uses {args.batch_size} of them (batch {args.batch_size}, one step per epoch), "
-                  f"peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
+    # a small dataset: the whole training set is the batch
+    args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
+    per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+    if note and master:
+        print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     plain = EvalTransform(args.image_size, train=False)
 
     def feature_loader(raw, transform=plain, train=False, strict=True):
