@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lars import LARS  # noqa: E402
 from loss import nt_xent  # noqa: E402
 from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
+from distributed import teardown  # noqa: E402
 
 GLOBAL_BATCH, SIZE = 8, 32
 
@@ -67,7 +68,7 @@ def main():
         results[checkpointing] = two_steps(model, views, DDP(model))
     if rank == 0:
         torch.save(results, sys.argv[1])
-    dist.destroy_process_group()
+    teardown(0)  # as the scripts end: gloo's destructor can abort or hang at interpreter exit
 
 
 if __name__ == "__main__":

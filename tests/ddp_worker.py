@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import loss  # noqa: E402
 from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
+from distributed import teardown  # noqa: E402
 
 GLOBAL_BATCH, SIZE, TEMPERATURE = 8, 16, 0.2
 
@@ -64,7 +65,7 @@ def main():
     if rank == 0:
         grads = {k: p.grad for k, p in model.module.named_parameters() if p.grad is not None}
         torch.save({"loss": mean_loss, "grads": grads, "world": world}, out)
-    dist.destroy_process_group()
+    teardown(0)  # as the scripts end: gloo's destructor can abort or hang at interpreter exit
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from features import extract_features  # noqa: E402
+from distributed import teardown  # noqa: E402
 
 N = 10  # not a multiple of 3 processes x batch 2: the sampler pads with repeats
 
@@ -36,7 +37,7 @@ def main():
                               workers=0, rank=rank, world=world)
     feats, labels = extract_features(torch.nn.Identity(), loader, torch.device("cpu"))
     torch.save({"feats": feats, "labels": labels}, f"{sys.argv[1]}.{rank}")
-    dist.destroy_process_group()
+    teardown(0)  # as the scripts end: gloo's destructor can abort or hang at interpreter exit
 
 
 if __name__ == "__main__":
