@@ -195,9 +195,9 @@ def test_out_of_memory_is_one_line_with_the_ways_out(tmp_path, monkeypatch, torc
     for line in lines:
         assert f"{per_rank} images ({2 * per_rank} views) of 32 px per process" in line
         assert "--activation-checkpointing" in line and "--lr-scaling sqrt" in line and "more GPUs" in line
-    if not torchrun:
+    if not torchrun:  # one line of ours (torch's own warnings, e.g. 2.1's on TypedStorage, aside)
         assert "Traceback" not in result.stderr
-        assert result.stderr.strip() == lines[0]
+        assert [line for line in result.stderr.splitlines() if "error" in line] == lines
     for name, data in saved.items():  # nothing saved is lost
         assert (tmp_path / "out" / name).read_bytes() == data
 
