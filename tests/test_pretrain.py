@@ -189,8 +189,12 @@ def test_out_of_memory_is_one_line_with_the_ways_out(tmp_path, monkeypatch, torc
     result = run_script(["tests/oom_worker.py", *TINY, "--epochs", "2", "--out", "out", "--resume"], tmp_path,
                         torchrun=torchrun)
     assert result.returncode == (1 if torchrun else 5)  # torchrun reports a failed process as 1
+    # Every rank that ran out says so once; under torchrun a peer may be stopped by torchrun (as soon as
+    # the first rank exits) before or while it writes its line, so at least one complete line is required.
     lines = [line for line in result.stderr.splitlines() if "out of memory at step 7" in line]
-    assert len(lines) == max(1, torchrun), result.stderr[-3000:]  # every rank that ran out, once
+    assert 1 <= len(lines) <= max(1, torchrun), result.stderr[-3000:]
+    lines = [line for line in lines if line.endswith("keeps the last saved state")]
+    assert lines, result.stderr[-3000:]
     per_rank = 16 // max(1, torchrun)
     for line in lines:
         assert f"{per_rank} images ({2 * per_rank} views) of 32 px per process" in line
