@@ -62,10 +62,14 @@ class LARS(Optimizer):
         return loss
 
     def _momentum_buffer(self, p):
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        return state["momentum_buffer"]
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:
+            buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        elif buf.device != p.device or buf.stride() != p.stride():
+            # Loaded from a checkpoint before the model moved to the GPU, or into a channels_last
+            # model: laid out like p once, so that the fused (foreach) update applies.
+            buf = self.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
+        return buf
 
 
 def _same_device(params):

@@ -130,6 +130,29 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(25, 100, 1.0) == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))  # no warmup
 
 
+def test_buffers_loaded_from_a_checkpoint_take_the_parameters_layout():
+    """pretrain.py loads the optimizer state while the model is still on the CPU and contiguous,
+    then moves it to the GPU in channels_last: the buffers follow the parameters (on CUDA a CPU
+    buffer would break the update; here the layout is the visible part)."""
+    model = _model_and_grads(0)
+    opt = LARS(model.parameters(), lr=0.5)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    for s in state["state"].values():  # as read from a file: contiguous
+        s["momentum_buffer"] = s["momentum_buffer"].contiguous()
+    assert not state["state"][0]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
+    clone = copy.deepcopy(model)
+    for a, b in zip(model.parameters(), clone.parameters()):
+        b.grad = a.grad.clone()
+    opt2 = LARS(clone.parameters(), lr=0.5)
+    opt2.load_state_dict(state)
+    opt.step()
+    opt2.step()
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b) and opt2.state[b]["momentum_buffer"].stride() == b.stride()
+    assert clone[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _model_and_grads(seed):
     """A small conv net (4-D, 2-D and 1-D tensors, one channels_last) with random gradients."""
     torch.manual_seed(seed)
