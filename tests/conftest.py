@@ -1,6 +1,7 @@
 """Shared helpers: the repository on sys.path, and running the scripts as users do."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -14,10 +15,28 @@ TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "0.25", "--sy
         "--batch-size", "16", "--log-every", "2", "--warmup-epochs", "1", "--workers", "0"]
 
 
-def run_script(args, cwd, torchrun=0, timeout=600):
-    """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess.
-    One that has not exited after `timeout` seconds is killed with all its processes and fails the test."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+def child_env(cuda=False, **extra):
+    """Environment of a child process. The GPU is hidden unless cuda=True: the scripts take
+    CUDA whenever it is there, and these tests check CPU facts (bitwise resumes, two gloo
+    processes on a machine with one GPU); tests/test_cuda.py asks for it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(args, cwd, torchrun=0, timeout=600, cuda=False):
+    """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess, on the
+    CPU unless cuda=True. One that has not exited after `timeout` seconds is killed with all its
+    processes and fails the test."""
+    env = child_env(cuda, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
     script = os.path.join(ROOT, args[0])
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
@@ -74,8 +93,8 @@ def kill_tree(pid):
 
 @pytest.fixture
 def run(tmp_path):
-    def _run(*args, torchrun=0, check=True):
-        result = run_script(list(args), tmp_path, torchrun=torchrun)
+    def _run(*args, torchrun=0, check=True, cuda=False):
+        result = run_script(list(args), tmp_path, torchrun=torchrun, cuda=cuda)
         if check and result.returncode != 0:
             raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result

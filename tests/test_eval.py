@@ -85,7 +85,8 @@ def test_torchrun_counts_every_test_image_once(pretrained, tmp_path):
 
 
 def run_in_process(module, monkeypatch, ckpt, args, encoder):
-    """main() of a script in this process, with load_encoder returning `encoder` itself."""
+    """main() of a script in this process, on the CPU, with load_encoder returning `encoder` itself."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the checks compare with CPU tensors
     _, saved = load_encoder(ckpt)
     monkeypatch.setattr(module, "load_encoder", lambda path: (encoder, saved))
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", str(ckpt), *args])

@@ -3,7 +3,6 @@ peer on this torch version, the one-line messages and exit statuses with a real 
 process group, the watchdog that bounds a teardown that does not finish, and a test run
 past its timeout killed with every process it started."""
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch.distributed as dist
 
-from conftest import ROOT, communicate, run_script
+from conftest import ROOT, child_env, communicate, free_port, run_script
 from distributed import DIST_ERRORS, peer_failure
 
 GLOO_TEXT = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40049"
@@ -51,11 +50,10 @@ distributed.run(main, (ValueError,))
 
 
 def run_main(body, timeout=120):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=ROOT, port=port, body=body)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     t0 = time.time()
     out, err = communicate(proc, timeout)
     return proc.returncode, out, err, time.time() - t0

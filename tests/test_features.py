@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import ROOT, run_script
+from conftest import ROOT, child_env, run_script
 from features import Progress, feature_batches, knn_predict, topk_accuracy
 
 
@@ -80,7 +80,7 @@ def test_evaluation_memory_stays_within_one_and_a_half_copies_of_the_features():
     The unchunked kNN alone made a float32 normalised copy (2x the features' bytes) on
     top of them: 5.0x measured. 15-40 s on 2 loaded cores; 128 test rows keep the kNN matmul
     short without changing the bound, which the training-set chunks set."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = child_env(MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "features_memory_worker.py"),
                           "100000", "4096", "128"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, communicate, kill_tree, run_script
+from conftest import ROOT, TINY, child_env, communicate, kill_tree, run_script
 from model import read_checkpoint
 
 SCRIPT = os.path.join(ROOT, "pretrain.py")
@@ -22,7 +22,7 @@ SCRIPT = os.path.join(ROOT, "pretrain.py")
 
 def start(args, cwd, torchrun=0):
     """Start pretrain.py in its own process group (so signals reach its workers as a scheduler's would)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = child_env()
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
                 if torchrun else [sys.executable])
     if torchrun:
@@ -123,7 +123,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(run, tmp_path):
     path = tmp_path / "run" / "ckpt.pt"
     before = path.read_bytes()
     saver = subprocess.Popen([sys.executable, "-c", SAVER.format(root=ROOT), str(path)], stdout=subprocess.PIPE,
-                             text=True)
+                             text=True, env=child_env())
     assert saver.stdout.readline().strip() == "saving"
     deadline = time.time() + 30
     while not list((tmp_path / "run").glob("ckpt.pt.tmp.*")) and time.time() < deadline:
