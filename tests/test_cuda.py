@@ -1,15 +1,21 @@
-"""What only a CUDA machine can check (skipped elsewhere): the pretraining step never
-waits for the GPU. torch.cuda.set_sync_debug_mode("error") turns every device-to-host
-synchronisation into an exception."""
+"""What only a CUDA machine can check (skipped elsewhere): the pretraining step never waits
+for the GPU (torch.cuda.set_sync_debug_mode("error") turns every device-to-host
+synchronisation into an exception); the device distortion gives the CPU's views; bf16
+autocast keeps the loss float32; SyncBatchNorm's kernels; pretrain.py under torchrun with
+NCCL, resumed on the GPU; the evaluation scripts and bench.py on the GPU."""
 import argparse
+import json
+import math
 
 import pytest
 import torch
 
+from conftest import TINY, run_script
 from distributed import Context
 from lars import LARS
-from model import ProjectionHead, SimCLR, build_encoder
-from pretrain import to_device_views, train_step
+from loss import contrastive_logits
+from model import ProjectionHead, SimCLR, build_encoder, load_encoder
+from pretrain import forward_backward, to_device_views, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,3 +45,158 @@ def test_the_training_step_never_waits_for_the_gpu(checkpointing):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(stats).all() and nonfinite[0].item() == -1
+
+
+# ----------------------------------------------------------------------------
+# The device path gives the CPU path's views.
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_device_distortion_gives_the_cpu_views(tf32):
+    """to_device_views on the GPU (uint8 -> float, the batched jitter, grayscale and blur,
+    channels_last) against the same on the CPU with the same seed, hence the same draws.
+    With TF32 convolutions (pretrain.py turns them on) the blur rounds its inputs to
+    10-bit mantissas: within half a uint8 step; without, float32 rounding."""
+    torch.manual_seed(0)
+    crops = [torch.randint(0, 256, (24, 3, 96, 96), dtype=torch.uint8) for _ in range(2)]
+    out = {}
+    for name, channels_last in (("cpu", False), ("cuda", True)):
+        settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=channels_last)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+            x = to_device_views(*[c.pin_memory() if name == "cuda" else c for c in crops], settings,
+                                torch.device(name), torch.Generator(), seed=7)
+        assert x.dtype == torch.float32 and x.shape == (48, 3, 96, 96)
+        out[name] = x.cpu()
+    diff = (out["cuda"] - out["cpu"]).abs()
+    assert diff.max() <= (0.5 / 255 if tf32 else 2e-5), float(diff.max())
+    assert out["cuda"].min() >= 0 and out["cuda"].max() <= 1
+
+
+def test_bf16_autocast_keeps_the_loss_float32():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", width=0.5, cifar_stem=True)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device, memory_format=torch.channels_last)
+    x = torch.rand(32, 3, 32, 32, device=device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h, z = model(x)
+        assert z.dtype == torch.bfloat16  # the network itself runs in bf16
+        logits, targets = contrastive_logits(*z.chunk(2), temperature=0.1)
+    assert logits.dtype == torch.float32
+    reference, _ = contrastive_logits(*z.float().chunk(2), temperature=0.1)  # outside autocast
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+    loss, accuracy = forward_backward(model, x, 0.1, amp=True)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.grad is not None)
+
+
+def test_syncbatchnorm_kernels_match_batchnorm():
+    """SyncBatchNorm's own CUDA kernels (statistics, all_gather, reduction), forced with a
+    one-process NCCL group (a one-process SyncBatchNorm module falls back to BatchNorm), give
+    BatchNorm's outputs, gradients and running statistics."""
+    import torch.distributed as dist
+    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
+
+    from conftest import free_port
+
+    device = torch.device("cuda")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        bn = torch.nn.BatchNorm2d(8).to(device)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        x = torch.randn(16, 8, 12, 12, device=device) * 3 + 1
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1 = bn(x1)
+        y2 = SyncBatchNormFunction.apply(x2, weight, bias, mean, var, bn.eps, bn.momentum, dist.group.WORLD, 1)
+        grad = torch.randn_like(y1)
+        y1.backward(grad)
+        y2.backward(grad)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bias.grad, bn.bias.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The scripts on the GPU: torchrun with NCCL, SyncBatchNorm, bf16, resume, evaluation.
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    """pretrain.py under torchrun --nproc_per_node=1 on the GPU: 2 epochs straight."""
+    folder = tmp_path_factory.mktemp("gpu")
+    result = run_script(["pretrain.py", *TINY, "--epochs", "2", "--out", "straight"], folder, torchrun=1, cuda=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return folder, result
+
+
+def test_pretrain_under_torchrun_with_nccl_and_syncbatchnorm(gpu_run):
+    folder, result = gpu_run
+    out = result.stdout
+    assert "device cuda:0 (" in out and "processes 1" in out and "SyncBatchNorm needs CUDA" not in out
+    assert '"amp": true' in out and '"channels_last": true' in out and '"distort_on": "device"' in out
+    assert " mem " in out  # peak GPU memory on the log lines
+    log = [json.loads(line) for line in (folder / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(0 < r["peak_gpu_memory_gib"] < 10 for r in log)
+    assert all(math.isfinite(r["loss"]) for r in log)
+    # saved on the CPU: a plain torch.load works without a GPU
+    for name in ("ckpt.pt", "encoder.pt"):
+        ckpt = torch.load(folder / "straight" / name, weights_only=True)
+        tensors = list((ckpt.get("model") or ckpt["encoder"]).values())
+        if "optimizer" in ckpt:
+            tensors += [s["momentum_buffer"] for s in ckpt["optimizer"]["state"].values()]
+        assert tensors and all(t.device.type == "cpu" for t in tensors), name
+    encoder, _ = load_encoder(folder / "straight" / "encoder.pt")
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in encoder.modules())
+
+
+def test_resume_on_the_gpu(gpu_run):
+    """1 epoch, then --resume to 2: the straight run's losses and weights (cuDNN's algorithms
+    are not bitwise reproducible, so close rather than equal). The optimizer state is read on
+    the CPU and follows the model to the GPU."""
+    folder, _ = gpu_run
+    for flags in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
+        result = run_script(["pretrain.py", *TINY, *flags, "--out", "resumed"], folder, torchrun=1, cuda=True)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    logs = [[json.loads(line)["loss"] for line in (folder / run / "log.jsonl").read_text().splitlines()]
+            for run in ("straight", "resumed")]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-3)
+    a, b = (torch.load(folder / run / "ckpt.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        if a["model"][k].is_floating_point():
+            torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-3, msg=k)
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("linear_eval.py", ["--epochs", "2", "--knn", "--knn-k", "20"]),
+    ("finetune.py", ["--epochs", "2", "--label-fraction", "0.5"]),
+])
+def test_evaluation_scripts_on_the_gpu_with_bf16(gpu_run, script, flags):
+    folder, _ = gpu_run
+    result = run_script([script, folder / "straight" / "encoder.pt", "--workers", "2", "--batch-size", "16", *flags,
+                         "--out", f"{script}.json"], folder, cuda=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert '"amp": true' in result.stdout and '"channels_last": true' in result.stdout
+    res = json.loads((folder / f"{script}.json").read_text())
+    assert res["test_images"] == 16 and 0 <= res["top1"] <= 100
+    assert result.stdout.strip().splitlines()[-1] == f"top-1 accuracy: {res['top1']:.2f}%"
+
+
+def test_bench_runs_on_the_gpu(tmp_path):
+    result = run_script(["bench.py", "--device", "cuda", "--only", "step,loss,memory", "--arch", "resnet18",
+                         "--image-size", "64", "--batch-size", "32", "--steps", "2", "--workers", "2",
+                         "--loss-sizes", "512", "--memory-cases", "16x64", "--memory-arch", "resnet18",
+                         "--memory-rounds", "1", "--view-images", "2"], tmp_path, cuda=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for text in ("(c) workers crop, device distorts", "(c) / (b)", "[loss]", "[memory]"):
+        assert text in result.stdout, text
