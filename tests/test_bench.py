@@ -20,3 +20,18 @@ def test_bench_runs_on_cpu(tmp_path):
     assert results["views"]["ratio_ours_over_torchvision"] > 0 and results["views"]["ratio_ours_over_baseline"] > 0
     assert {r["form"] for r in results["loss"]["loss"]} == {"ours", "broadcast"}
     assert all(r["peak_bytes"] >= 0 for r in results["loss"]["loss"])
+
+
+def test_profile_step_labels_every_part_and_compares_the_blur_forms(tmp_path):
+    result = run_script(["tools/profile_step.py", "--device", "cpu", "--image-size", "48", "--batch-size", "8",
+                         "--steps", "1", "--workers", "1", "--top", "5", "--blur-forms",
+                         "--trace", tmp_path / "trace.json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = result.stdout.split("[parts]")[1].split("[operators]")[0]
+    for name in ("loader wait", "copy + distortion", "jitter: hue", "grayscale", "blur", "forward", "loss",
+                 "backward", "lars"):
+        assert f"  {name} " in parts, parts
+    assert "aten::" in result.stdout.split("[operators]")[1]
+    gap = float(result.stdout.split("largest difference between the two: ")[1].split()[0])
+    assert gap < 1e-6  # the two forms compute the same blur
+    assert (tmp_path / "trace.json").stat().st_size > 1000
