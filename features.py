@@ -101,8 +101,8 @@ def extract_features(model, loader, device, amp=False, channels_last=False, stor
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             f = model(x)
-        y = torch.as_tensor(y).to(device)
-        idx = indices[done:done + len(f)].to(device)
+        y = torch.as_tensor(y).to(device, non_blocking=True)  # a plain copy would make the host wait for the model
+        idx = indices[done:done + len(f)].to(device, non_blocking=True)
         if len(idx) != len(f):
             raise RuntimeError(f"got more rows than the {len(indices)} samples of this process")
         done += len(f)

@@ -303,8 +303,9 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # the count made on the device: torch.tensor(n, device=...) is a copy the host waits for
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                                 torch.tensor(float(len(y)), device=device)])
+                                 torch.full((), float(len(y)), device=device)])
             progress.update(len(y) * (1 if args.cached_features else ctx.world))
         sums = all_sum(sums, ctx) if not args.cached_features else sums
         train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()

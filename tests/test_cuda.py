@@ -4,8 +4,11 @@ synchronisation into an exception); the device distortion gives the CPU's views;
 autocast keeps the loss float32; SyncBatchNorm's kernels; pretrain.py under torchrun with
 NCCL, resumed on the GPU; the evaluation scripts and bench.py on the GPU."""
 import argparse
+import importlib
 import json
 import math
+import sys
+import warnings
 
 import pytest
 import torch
@@ -200,3 +203,26 @@ def test_bench_runs_on_the_gpu(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for text in ("(c) workers crop, device distorts", "(c) / (b)", "[loss]", "[memory]"):
         assert text in result.stdout, text
+
+
+@pytest.mark.parametrize("script", ["linear_eval", "finetune"])
+def test_evaluation_steps_never_wait_for_the_gpu(gpu_run, script, monkeypatch):
+    """Under set_sync_debug_mode("warn") every device-to-host synchronisation warns. Half the
+    batch (twice the training steps and feature batches) must add none: no step and no batch
+    makes the host wait; what is left (loading, one read per epoch, the scores) is per run."""
+    module = importlib.import_module(script)
+    folder, _ = gpu_run
+    counts = []
+    for batch in (16, 8):
+        argv = [f"{script}.py", str(folder / "straight" / "encoder.pt"), "--workers", "0", "--batch-size", str(batch),
+                "--epochs", "2", "--progress-every", "0", "--out", str(folder / f"sync_{script}_{batch}.json")]
+        monkeypatch.setattr(sys, "argv", argv + (["--label-fraction", "1.0"] if script == "finetune" else []))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                module.main()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts
