@@ -58,10 +58,23 @@ def setup(global_batch=None, timeout_minutes=10):
     return Context(ddp, dist.get_rank() if ddp else 0, world, local_rank, device)
 
 
+RANK0_GRACE_SECONDS = 30  # how long another rank waits for rank 0 to report an error they share
+
+
 def fail(message, code=2, every_rank=False):
     """Exit with one line on stderr (from rank 0 only under torchrun, unless every_rank), no traceback.
-    Inside run(), the process group is then torn down there (see teardown)."""
+    Inside run(), the process group is then torn down there (see teardown).
+
+    Under torchrun the other ranks, which meet the same error, wait: torchrun stops every
+    process as soon as one exits with an error, so one that exited first could cut rank 0 off
+    before its line is out. Once rank 0 has exited, torchrun's SIGTERM ends the wait at once; a
+    rank still waiting after RANK0_GRACE_SECONDS met an error of its own, and says it."""
     rank = int(os.environ.get("RANK", 0))
+    if rank != 0 and not every_rank:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a stop request now: end the process
+        time.sleep(RANK0_GRACE_SECONDS)
+        every_rank = True
     if rank == 0 or every_rank:
         where = f" (rank {rank})" if every_rank and "RANK" in os.environ else ""
         print(f"{os.path.basename(sys.argv[0])}{where}: error: {message}", file=sys.stderr, flush=True)

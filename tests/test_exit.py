@@ -108,6 +108,40 @@ def test_sigterm_ends_a_teardown_at_once():
     assert "teardown did not finish" not in err
 
 
+# A rank other than 0 that meets an error rank 0 reports too (no process group needed).
+OTHER_RANK = """import os, sys
+sys.path.insert(0, {root!r})
+os.environ.update(RANK="1", WORLD_SIZE="2")
+import distributed
+distributed.RANK0_GRACE_SECONDS = {grace}
+
+def main():
+    stop = distributed.StopRequest()  # as pretrain.py: SIGTERM only sets a flag during training
+    print("failing", flush=True)
+    distributed.fail("bad input")
+
+distributed.run(main, (ValueError,))
+"""
+
+
+def test_another_rank_waits_for_rank_0_and_speaks_if_it_does_not():
+    """torchrun stops every process once one exits with an error: a rank that exited first could
+    cut rank 0 off before its one line. The others wait; torchrun's SIGTERM (sent once rank 0 has
+    exited) ends them at once, silently; one that outlives the grace says its error itself."""
+    proc = subprocess.Popen([sys.executable, "-c", OTHER_RANK.format(root=ROOT, grace=600)], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "failing\n"
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = communicate(proc, 60)
+    assert proc.returncode == -signal.SIGTERM and time.time() - t0 < 30 and err == "", err
+    proc = subprocess.Popen([sys.executable, "-c", OTHER_RANK.format(root=ROOT, grace=1)], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = communicate(proc, 60)
+    assert proc.returncode == 2 and err.splitlines() == ["-c (rank 1): error: bad input"], err
+
+
 HANG = """import os, signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a rank stuck at exit did
 open(f"pid{os.environ['RANK']}", "w").write(str(os.getpid()))
