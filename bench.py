@@ -170,20 +170,27 @@ def bench_views(args):
     return result
 
 
-def bench_step(args):
-    device = torch.device(args.device)
+def step_setup(arch, image_size, device):
+    """What pretrain.py's step needs on one device, as pretrain.py sets it up (channels_last and
+    cuDNN autotuning on CUDA) -> (model, optimizer, settings, ctx, nonfinite record)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    encoder = build_encoder(args.arch, cifar_stem=args.image_size <= 32)
+    encoder = build_encoder(arch, cifar_stem=image_size <= 32)
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
     settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=cuda)
-    generator = torch.Generator()  # distortion parameters are drawn on the CPU
     ctx = Context(ddp=False, rank=0, world=1, local_rank=0, device=device)
-    nonfinite = torch.tensor([-1.0, 0.0], device=device)
+    return model, optimizer, settings, ctx, torch.tensor([-1.0, 0.0], device=device)
+
+
+def bench_step(args):
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model, optimizer, settings, ctx, nonfinite = step_setup(args.arch, args.image_size, device)
+    generator = torch.Generator()  # distortion parameters are drawn on the CPU
 
     def sync():
         if cuda:

@@ -30,10 +30,7 @@ import augment  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 from augment import SimCLRViews  # noqa: E402
-from bench import Jpegs, make_jpegs  # noqa: E402
-from distributed import Context  # noqa: E402
-from lars import LARS  # noqa: E402
-from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
+from bench import Jpegs, make_jpegs, step_setup  # noqa: E402
 
 PARTS = ("loader wait", "copy + distortion", "jitter", "jitter: brightness", "jitter: contrast",
          "jitter: saturation", "jitter: hue", "grayscale", "blur", "forward", "loss", "backward", "lars")
@@ -135,16 +132,7 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
-    torch.manual_seed(0)
-    encoder = build_encoder(args.arch, cifar_stem=args.image_size <= 32)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=cuda)
-    ctx = Context(ddp=False, rank=0, world=1, local_rank=0, device=device)
-    nonfinite = torch.tensor([-1.0, 0.0], device=device)
+    model, optimizer, settings, ctx, nonfinite = step_setup(args.arch, args.image_size, device)
     generator = torch.Generator()
     views = SimCLRViews(args.image_size)
     blobs = make_jpegs(max(64, 2 * args.batch_size), seed=1)
