@@ -30,8 +30,8 @@ python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvi
 
 case $part in
 tests)
-    step test_cuda 200 python -m pytest -q -rs tests/test_cuda.py
-    step bench 360 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
+    step test_cuda 300 python -m pytest -q -rs tests/test_cuda.py
+    step bench 270 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
     ;;
 profile)
     step profile 180 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 256 --blur-forms \
