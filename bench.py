@@ -170,15 +170,22 @@ def bench_views(args):
     return result
 
 
+def simclr_model(arch, device, width=1, cifar_stem=False, activation_checkpointing=False):
+    """SimCLR (encoder and the default head) on `device`, seeded, channels_last on CUDA as in pretrain.py."""
+    torch.manual_seed(0)
+    encoder = build_encoder(arch, width, cifar_stem, activation_checkpointing=activation_checkpointing)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def step_setup(arch, image_size, device):
     """What pretrain.py's step needs on one device, as pretrain.py sets it up (channels_last and
     cuDNN autotuning on CUDA) -> (model, optimizer, settings, ctx, nonfinite record)."""
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    encoder = build_encoder(arch, cifar_stem=image_size <= 32)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
+    model = simclr_model(arch, device, cifar_stem=image_size <= 32)
     if cuda:
-        model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
     settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=cuda)
@@ -338,11 +345,7 @@ def activation_memory(arch, width, views, size, checkpointing, device="cpu"):
     MALLOC_MMAP_THRESHOLD_ set (see bench_loss) so that peak RSS counts live tensors."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    encoder = build_encoder(arch, width, activation_checkpointing=checkpointing)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    model = simclr_model(arch, device, width, activation_checkpointing=checkpointing)
     x = torch.rand(views, 3, size, size, device=device)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -382,16 +385,12 @@ def checkpointing_step_times(arch, width, views, size, rounds, device):
     model, the two variants interleaved for `rounds` rounds -> medians {False: s, True: s}."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    encoder = build_encoder(arch, width)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    model = simclr_model(arch, device, width)
     x = torch.rand(views, 3, size, size, device=device)
     times = {False: [], True: []}
     for r in range(rounds + 1):  # the first round warms up
         for checkpointing in (False, True):
-            encoder.activation_checkpointing = checkpointing
+            model.encoder.activation_checkpointing = checkpointing
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -446,11 +445,8 @@ def bench_epoch(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     b = 512 if cuda else 64
-    torch.manual_seed(0)
-    encoder = build_encoder("resnet18", cifar_stem=True)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device)
+    model = simclr_model("resnet18", device, cifar_stem=True)
     if cuda:
-        model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=1.0)
     settings = argparse.Namespace(distort_on="device" if cuda else "workers", strength=0.5, blur=False,
