@@ -13,24 +13,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ddp_worker  # noqa: E402  (this folder, tests/, is on sys.path: the script's own, or pytest's)
 from lars import LARS  # noqa: E402
 from loss import nt_xent  # noqa: E402
-from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
 from distributed import teardown  # noqa: E402
 
 GLOBAL_BATCH, SIZE = 8, 32
 
 
 def make_model(checkpointing):
-    """A narrow ResNet-50 with the ImageNet stem (so the stem is checkpointed too), with
-    non-zero last-BN gammas so that gradients reach every layer."""
-    torch.manual_seed(0)
-    encoder = build_encoder("resnet50", width=0.125, activation_checkpointing=checkpointing)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim, out_dim=16))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    """A narrow ResNet-50 with the ImageNet stem (so the stem is checkpointed too)."""
+    return ddp_worker.make_model("resnet50", cifar_stem=False, activation_checkpointing=checkpointing)
 
 
 def two_steps(model, views, step_model=None):

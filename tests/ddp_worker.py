@@ -22,11 +22,12 @@ from distributed import teardown  # noqa: E402
 GLOBAL_BATCH, SIZE, TEMPERATURE = 8, 16, 0.2
 
 
-def make_model():
+def make_model(arch="resnet18", cifar_stem=True, activation_checkpointing=False):
+    """A narrow SimCLR (width 0.125, 16-d output), seeded, with every parameter nudged so that
+    the last-BN gammas are non-zero and gradients reach every layer in one step."""
     torch.manual_seed(0)
-    encoder = build_encoder("resnet18", width=0.125, cifar_stem=True)
+    encoder = build_encoder(arch, width=0.125, cifar_stem=cifar_stem, activation_checkpointing=activation_checkpointing)
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim, out_dim=16))
-    # Non-zero last-BN gammas, so gradients reach every layer in one step.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
