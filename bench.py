@@ -180,11 +180,12 @@ def simclr_model(arch, device, width=1, cifar_stem=False, activation_checkpointi
     return model
 
 
-def step_setup(arch, image_size, device):
+def step_setup(arch, image_size, device, activation_checkpointing=False):
     """What pretrain.py's step needs on one device, as pretrain.py sets it up (channels_last and
     cuDNN autotuning on CUDA) -> (model, optimizer, settings, ctx, nonfinite record)."""
     cuda = device.type == "cuda"
-    model = simclr_model(arch, device, cifar_stem=image_size <= 32)
+    model = simclr_model(arch, device, cifar_stem=image_size <= 32,
+                         activation_checkpointing=activation_checkpointing)
     if cuda:
         torch.backends.cudnn.benchmark = True
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -13,9 +13,8 @@ import warnings
 import pytest
 import torch
 
+from bench import step_setup
 from conftest import TINY, run_script
-from distributed import Context
-from lars import LARS
 from loss import contrastive_logits
 from model import ProjectionHead, SimCLR, build_encoder, load_encoder
 from pretrain import forward_backward, to_device_views, train_step
@@ -26,13 +25,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_training_step_never_waits_for_the_gpu(checkpointing):
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    encoder = build_encoder("resnet18", activation_checkpointing=checkpointing)
-    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim)).to(device, memory_format=torch.channels_last)
-    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=True)
-    ctx = Context(ddp=False, rank=0, world=1, local_rank=0, device=device)
-    nonfinite = torch.tensor([-1.0, 0.0], device=device)
+    model, optimizer, settings, ctx, nonfinite = step_setup("resnet18", 64, device,
+                                                            activation_checkpointing=checkpointing)
     generator = torch.Generator()
     # uint8 crops in pinned memory, as the data workers hand them over on the device path
     crops = [torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8).pin_memory() for _ in range(2)]
