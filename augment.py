@@ -123,17 +123,26 @@ def gaussian_blur(x, sigma, kernel_size):
     code pads with zeros ('SAME'), which darkens the border; reflect padding
     keeps the image's own edge values.
     """
+    kernel = blur_kernels(sigma, kernel_size, x.device, x.dtype)
+    if kernel is None:
+        return x
+    radius = kernel.shape[1] // 2
+    x = _blur_rows(x, kernel, radius)                   # along W
+    return _blur_rows(x.transpose(2, 3), kernel, radius).transpose(2, 3)  # along H
+
+
+def blur_kernels(sigma, kernel_size, device, dtype):
+    """Normalised 1-D Gaussian kernels (B, 2r + 1) on `device`, one per sigma (B,) on the CPU,
+    r at most kernel_size // 2; None when r is 0 (nothing to blur)."""
     # Taps beyond 5.7 sigma weigh under 1e-7 of the centre: dropping them changes no float32
     # result (their total mass is < 2e-7), and small sigmas need far fewer than 2r + 1 taps.
     radius = min(kernel_size // 2, math.ceil(5.7 * float(sigma.max())))  # (sigma on the CPU: no sync)
     if radius == 0:
-        return x
-    sigma = sigma.to(x.device, x.dtype, non_blocking=True)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+        return None
+    sigma = sigma.to(device, dtype, non_blocking=True)
+    t = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
     kernel = torch.exp(-t.pow(2) / (2.0 * sigma.view(-1, 1).pow(2)))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K)
-    x = _blur_rows(x, kernel, radius)                   # along W
-    return _blur_rows(x.transpose(2, 3), kernel, radius).transpose(2, 3)  # along H
+    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
 def _blur_rows(x, kernel, radius):

@@ -16,7 +16,6 @@ checks that they agree.
 """
 import argparse
 import functools
-import math
 import os
 import sys
 import time
@@ -86,15 +85,14 @@ def device_time(event):
 
 def blur_depthwise(x, sigma, kernel_size):
     """augment.gaussian_blur as two depthwise 2-D convolutions (one channel per image channel,
-    kernels (1, K) then (K, 1)): the candidate for cuDNN, which the row-grouped form may suit badly."""
-    radius = min(kernel_size // 2, math.ceil(5.7 * float(sigma.max())))
-    if radius == 0:
+    kernels (1, K) then (K, 1)): the candidate for the GPU, where the row-grouped form's hundreds
+    of thousands of groups may suit the convolution kernels badly."""
+    kernel = augment.blur_kernels(sigma, kernel_size, x.device, x.dtype)
+    if kernel is None:
         return x
+    radius = kernel.shape[1] // 2
     b, c, h, w = x.shape
-    sigma = sigma.to(x.device, x.dtype, non_blocking=True)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-t.pow(2) / (2.0 * sigma.view(-1, 1).pow(2)))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B C, K)
+    kernel = kernel.repeat_interleave(c, dim=0)  # (B C, K)
     planes = F.pad(x.reshape(1, b * c, h, w), (radius, radius, 0, 0), mode="reflect")
     planes = F.conv2d(planes, kernel.view(b * c, 1, 1, -1), groups=b * c)
     planes = F.pad(planes, (0, 0, radius, radius), mode="reflect")
