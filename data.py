@@ -348,8 +348,33 @@ atexit.register(_kill_leftover_workers)  # after multiprocessing.util's exit hoo
 
 
 def default_workers():
-    """Data loading processes per process: the CPUs shared among this node's processes, at most 8."""
-    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    """Data loading processes per process: the CPUs this process may use (its affinity: a
+    container's or scheduler's share, not the machine's count), shared among this node's
+    processes, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+SHM = "/dev/shm"
+
+
+def check_shared_memory(workers, batch_bytes, path=SHM):
+    """Stop with one line when the shared memory that data workers hand batches through is
+    too small: each worker keeps up to 2 batches (DataLoader's prefetch_factor) in
+    `path` (/dev/shm on Linux), for every process of this node. A default Docker container
+    has 64 MB there, and workers that outgrow it die with a bus error mid-epoch."""
+    if workers == 0 or not os.path.isdir(path):
+        return  # workers=0 hands batches over in-process; no /dev/shm off Linux
+    st = os.statvfs(path)
+    free = st.f_bavail * st.f_frsize
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = processes * workers * 2 * batch_bytes
+    if free < need:
+        fits = free // (processes * 2 * batch_bytes)
+        raise DataError(f"{path} has {free / 2**20:.0f} MiB free, but {processes} process(es) x {workers} data workers "
+                        f"x 2 batches of {batch_bytes / 2**20:.0f} MiB need about {need / 2**20:.0f} MiB: the workers "
+                        f"would die with a bus error. Give the container more (docker run --shm-size="
+                        f"{max(1, -(-need * 2 // 2**30))}g, or --ipc=host), or use --workers {fits} or fewer")
 
 
 def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pin_memory=False):

@@ -1,9 +1,11 @@
 """Process set-up shared by the scripts: torchrun (NCCL on CUDA, gloo on CPU)
-or one plain process on GPU or CPU, the one-line error exit, a teardown that
-always ends the process, stop signals, and the global random generators' state."""
+or one plain process on GPU or CPU, the GPU a process uses, the mixed precision
+that fits it (--amp), the one-line error exit, a teardown that always ends the
+process, stop signals, and the global random generators' state."""
 import datetime
 import faulthandler
 import gc
+import inspect
 import os
 import random
 import signal
@@ -11,6 +13,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -39,23 +42,130 @@ def setup(global_batch=None, timeout_minutes=10):
 
     timeout_minutes bounds how long a collective waits for a process that died or hangs:
     the others then fail instead of waiting forever (torchrun also stops them as soon as
-    it sees one process exit with an error)."""
+    it sees one process exit with an error). rank0_first's wait is not bounded by it."""
+    global _PREPARE_GROUP
     ddp = "RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", 1)) if ddp else 1
     if global_batch is not None and global_batch % world:
         fail(f"--batch-size {global_batch} does not divide by the {world} processes; use a multiple of {world}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if ddp else 0
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if ddp:
         if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+            torch.cuda.set_device(device)
+        # device_id (torch >= 2.3) binds the NCCL communicator to this GPU; without it barriers warn
+        # that they guess the device
+        bind = {"device_id": device} if cuda and "device_id" in inspect.signature(dist.init_process_group).parameters else {}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes), **bind)
+        # rank0_first's wait for rank 0 (an ImageNet scan on a slow disk can take longer than the collective
+        # timeout) goes through a gloo group of its own with a long timeout. A rank 0 that dies still ends
+        # it at once: gloo reads the closed connection. Held here until the process ends (see teardown).
+        _PREPARE_GROUP = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # TF32 only where it is only speed: cuDNN convolutions (the encoder under --amp off; under amp
+        # they run in bf16/fp16 anyway). Matmuls stay true float32: the loss logits, the kNN
+        # similarities and the linear classifiers, which the README calls float32. (PyTorch's
+        # defaults, set explicitly: a copied snippet may have turned matmul TF32 on.)
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return Context(ddp, dist.get_rank() if ddp else 0, world, local_rank, device)
+
+
+PREPARE_TIMEOUT = datetime.timedelta(hours=24)  # rank0_first: how long the others wait for rank 0's preparation
+_PREPARE_GROUP = None
+
+
+def gpu_index(local_rank, visible):
+    """The GPU of the process with this LOCAL_RANK, among the `visible` ones (CUDA_VISIBLE_DEVICES).
+
+    torchrun on a node shows every process all GPUs: process LOCAL_RANK takes GPU LOCAL_RANK.
+    A launcher that gives each process its own GPU (SLURM --gpus-per-task=1, or a
+    CUDA_VISIBLE_DEVICES per process) shows it one, while LOCAL_RANK still counts the node's
+    processes: it takes that one (torch.cuda.set_device(LOCAL_RANK) would fail there with
+    "invalid device ordinal")."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    fail(f"LOCAL_RANK is {local_rank} but this process sees {visible} GPUs "
+         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU "
+         "(torchrun --nproc_per_node=<GPUs>), or give each process one GPU (srun --gpus-per-task=1)")
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision (--amp)
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def add_amp_flags(parser, default="auto", what="the encoder"):
+    """--amp auto|bf16|fp16|off and --no-amp (= off) on an argparse parser or group."""
+    parser.add_argument("--amp", nargs="?", const="auto", default=default, choices=AMP_CHOICES,
+                        help=f"autocast precision of {what}; auto: bf16 on GPUs of compute capability >= 8.0 "
+                             "(A100, H100, RTX 30xx/40xx), fp16 with dynamic loss scaling below (V100, T4, RTX 20xx), "
+                             "off (float32) on the CPU. The loss and the classifiers stay float32")
+    parser.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="same as --amp off")
+
+
+def resolve_amp(choice, device, train=True):
+    """--amp on `device` -> (precision: "bf16", "fp16" or "off"; the start line that says which and why).
+
+    auto picks bf16 on CUDA GPUs of compute capability 8.0 and newer, which have bf16 units;
+    below (V100 7.0, T4 and RTX 20xx 7.5) torch 2.1-2.3 stop at the first bf16 step ("Current
+    CUDA Device does not support bfloat16") and later versions emulate bf16 on slow paths, so
+    auto picks fp16 there (training with loss scaling: see grad_scaler). On the CPU auto is off;
+    an explicit bf16 or fp16 runs CPU autocast (fp16 where the installed torch has it)."""
+    scaling = " + loss scaling" if train else ""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+        native_bf16 = major >= 8
+        if choice == "auto":
+            choice = "bf16" if native_bf16 else "fp16"
+        if choice == "bf16" and not native_bf16:
+            if not torch.cuda.is_bf16_supported():
+                fail(f"--amp bf16: the {gpu} has no bf16 and torch {torch.__version__} does not emulate it; "
+                     "use --amp fp16 (or auto)")
+            return "bf16", f"amp: bf16 as asked ({gpu}, no bf16 units: emulated, slow; --amp fp16 is fast here)"
+        if choice == "off":
+            return "off", f"amp: off (float32; {gpu})"
+        return choice, f"amp: {choice}{scaling if choice == 'fp16' else ''} ({gpu}{', no bf16' if not native_bf16 else ''})"
+    if choice in ("auto", "off"):
+        return "off", "amp: off (float32" + (" on the CPU; --amp bf16 or fp16 runs CPU autocast)" if choice == "auto" else ")")
+    if choice == "fp16" and not cpu_fp16_available():
+        fail(f"--amp fp16 on the CPU needs CPU float16 autocast and a CPU GradScaler (torch 2.4 and later have "
+             f"both); this is torch {torch.__version__}: use --amp bf16 or --amp off")
+    return choice, f"amp: {choice}{scaling if choice == 'fp16' else ''} on the CPU (CPU autocast)"
+
+
+def cpu_fp16_available():
+    """Whether this torch runs float16 autocast and the GradScaler's kernels on the CPU
+    (tried, since the versions differ: older ones warn and run float32)."""
+    if not hasattr(torch.amp, "GradScaler"):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast("cpu", dtype=torch.float16):
+                half = torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float16
+            torch._amp_foreach_non_finite_check_and_unscale_([torch.ones(2)], torch.zeros(()), torch.ones(()))
+        except (RuntimeError, NotImplementedError):
+            return False
+    return half
+
+
+def grad_scaler(precision, device):
+    """The dynamic loss scaler of fp16 training (None otherwise): torch.amp.GradScaler, or
+    torch.cuda.amp.GradScaler on torch < 2.3, which lacks it. bf16 has float32's range and
+    needs none."""
+    if precision != "fp16":
+        return None
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()
 
 
 RANK0_GRACE_SECONDS = 30  # how long another rank waits for rank 0 to report an error they share
@@ -185,7 +295,11 @@ def _exit_after(seconds, status):
 
 def rank0_first(ctx, build, errors):
     """build() on rank 0 (which may download), then on the others once it worked.
-    An exception of the types in `errors` on rank 0 stops every process with its message."""
+    An exception of the types in `errors` on rank 0 stops every process with its message.
+
+    The waits (the others for rank 0, then rank 0 for the others) go through setup's gloo
+    group, bounded by PREPARE_TIMEOUT, not by the collective timeout: scanning an ImageNet
+    folder on a network disk can take longer. A process that dies meanwhile ends them at once."""
     error, result = None, None
     if ctx.master:
         try:
@@ -194,7 +308,7 @@ def rank0_first(ctx, build, errors):
             error = str(e)
     if ctx.ddp:
         shared = [error]
-        dist.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared, src=0, group=_PREPARE_GROUP)
         error = shared[0]
     if error:
         fail(error)
@@ -202,7 +316,9 @@ def rank0_first(ctx, build, errors):
         try:
             result = build()
         except errors as e:
-            fail(f"rank {ctx.rank}: {e}")
+            fail(str(e), every_rank=True)  # its own line, "(rank N)"
+    if ctx.ddp:
+        dist.barrier(group=_PREPARE_GROUP)
     return result
 
 

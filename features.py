@@ -6,9 +6,10 @@ torch.distributed each process runs its share of the dataset and every
 process gets all rows back in dataset order: no sample is dropped or counted
 twice (DistributedSampler's padding is removed).
 
-Memory: features keep the dtype the model gives (bf16 under amp) and are held
+Memory: features keep the dtype the model gives (bf16/fp16 under amp) and are held
 once per process, on the GPU when they take at most a quarter of its free
-memory, else in host memory; they are gathered across processes one batch at a
+memory (counting the blocks PyTorch's caching allocator holds but does not use,
+which torch.cuda.mem_get_info counts as taken), else in host memory; they are gathered across processes one batch at a
 time, so no GPU ever holds more than a batch of other processes' rows. kNN and
 the cached-feature classifier stream chunks from wherever the features are:
 nothing ever makes a float32 copy of the whole set. ImageNet, ResNet-50 4x
@@ -73,13 +74,14 @@ def _rank():
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, amp=False, channels_last=False, store="auto", what="features",
+def extract_features(model, loader, device, amp=None, channels_last=False, store="auto", what="features",
                      progress_every=30.0):
     """model(x) for every sample of loader.dataset -> (features (N, d), labels (N,)).
 
     The loader must iterate a DistributedSampler without shuffling (possibly
-    wrapped, as data.make_loader does). Features keep the dtype the model
-    gives (bf16 under amp). Put the model in eval mode first.
+    wrapped, as data.make_loader does). amp: the autocast dtype (None: float32);
+    features keep the dtype the model gives (bf16/fp16 under amp). Put the
+    model in eval mode first.
 
     store: where the result lives: "device", "host" (CPU memory), or "auto":
     the device when the features take at most DEVICE_SHARE of its free memory
@@ -99,7 +101,7 @@ def extract_features(model, loader, device, amp=False, channels_last=False, stor
         x, y = batch[0].to(device, non_blocking=True), batch[1]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             f = model(x)
         y = torch.as_tensor(y).to(device, non_blocking=True)  # a plain copy would make the host wait for the model
         idx = indices[done:done + len(f)].to(device, non_blocking=True)
@@ -127,12 +129,20 @@ def _feature_store(shape, dtype, device, store):
         raise ValueError(f"store must be 'auto', 'device' or 'host', not {store!r}")
     if store == "auto":
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        fits = device.type != "cuda" or nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]
+        fits = device.type != "cuda" or nbytes <= DEVICE_SHARE * free_gpu_memory(device)
         store = "device" if fits else "host"
     # Host features are plain (pageable) memory: pinning the whole set would make the CUDA
     # host allocator round it up to a power of two (21 GB -> 32 GB); batches are staged
     # through a small pinned buffer instead (feature_batches).
     return torch.empty(shape, dtype=dtype, device=device if store == "device" else "cpu")
+
+
+def free_gpu_memory(device):
+    """Bytes a new tensor can take on a GPU: what the driver reports free plus what PyTorch's
+    caching allocator has reserved but not allocated (after pretraining, most of the
+    training step's memory), which mem_get_info counts as used."""
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return torch.cuda.mem_get_info(device)[0] + cached
 
 
 def _all_gather(t):

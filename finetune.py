@@ -31,6 +31,7 @@ least 5 classes), writes JSON next to the checkpoint (with the seconds each
 phase took), and ends with the line `top-1 accuracy: XX.XX%`.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
-from distributed import all_sum, fail, rank0_first, run, setup
+from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, grad_scaler, rank0_first, resolve_amp, run, setup
 from features import Progress, extract_features, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
@@ -76,12 +77,14 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="subset choice, head init, data order, augmentation")
     p.add_argument("--strict-data", action="store_true",
                    help="stop at an unreadable training image instead of skipping it (test images always must be readable)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    add_amp_flags(p, what="the network (fp16 trains with dynamic loss scaling)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
     p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of the labelled subset and of the test set (a quick check)")
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a collective waits for a process that died or hangs before the others fail")
     args = p.parse_args(argv)
     if not 0 < args.label_fraction <= 1:
         p.error("--label-fraction must lie in (0, 1]")
@@ -116,6 +119,22 @@ def head_layers(args, encoder, proj):
     return nn.Sequential(encoder, proj.first_layers(k)), dim
 
 
+def sgd_for_scaler(scaler, device):
+    """SGD options for fp16 loss scaling: the fused SGD (torch >= 2.3 on CUDA, later also on the
+    CPU) takes the scaler's overflow flag into its kernel, so GradScaler.step skips an overflow
+    step on the device; with the plain SGD GradScaler.step waits for the host every step (it
+    reads found_inf with .item()). The same update, up to rounding."""
+    if scaler is None or "fused" not in inspect.signature(torch.optim.SGD).parameters:
+        return {}
+    w = torch.zeros(1, device=device, requires_grad=True)
+    w.grad = torch.zeros_like(w)
+    try:  # tried: which devices have the fused kernel differs between versions
+        torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, fused=True).step()
+    except (RuntimeError, NotImplementedError):
+        return {}
+    return {"fused": True}
+
+
 def main():
     args = get_args()
     encoder, ckpt = load_encoder(args.checkpoint)
@@ -133,9 +152,12 @@ def main():
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
         args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
 
-    ctx = setup(args.batch_size)
+    ctx = setup(args.batch_size, args.dist_timeout)
     device, master = ctx.device, ctx.master
-    args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
+    args.amp, amp_text = resolve_amp(args.amp, device)
+    args.channels_last = args.channels_last and ctx.cuda
+    if master:
+        print(amp_text, flush=True)
 
     def build(split):
         return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
@@ -170,8 +192,9 @@ def main():
         if ctx.cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    scaler = grad_scaler(args.amp, device)  # fp16 only
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, **sgd_for_scaler(scaler, device))
 
     train_set = data.SeededTransform(Subset(train_raw, chosen.tolist()), EvalTransform(args.image_size, train=True),
                                      seed=args.seed, strict=args.strict_data)
@@ -209,12 +232,17 @@ def main():
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            with torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # fp16: skips a step whose scaled gradients overflowed, and lowers the scale
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             # the count made on the device: torch.tensor(n, device=...) is a copy the host waits for
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
                                  torch.full((), float(len(y)), device=device)])
@@ -230,7 +258,7 @@ def main():
     phases = {"train": round(time.time() - t_train, 1)}  # seconds each phase took
     t_test = time.time()
     net.eval()  # the test set, once, after the last epoch
-    scores, test_y = extract_features(net, test_loader, device, args.amp, args.channels_last, what="test",
+    scores, test_y = extract_features(net, test_loader, device, AMP_DTYPES[args.amp], args.channels_last, what="test",
                                       progress_every=args.progress_every)
     phases["test"] = round(time.time() - t_test, 1)
     ks = (1, 5) if classes >= 5 else (1,)
@@ -242,7 +270,7 @@ def main():
         "train_images": len(chosen), "test_images": len(test_y), "classes": classes, "dataset": args.dataset,
         "image_size": args.image_size, "encoder_config": encoder.config, "pretrain_epochs": settings.get("epoch"),
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": peak_lr,
-        "weight_decay": args.weight_decay, "seed": args.seed, "final_train_loss": train_loss,
+        "weight_decay": args.weight_decay, "seed": args.seed, "amp": args.amp, "final_train_loss": train_loss,
         "final_train_acc": train_acc, "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images,

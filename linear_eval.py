@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
-from distributed import all_sum, fail, rank0_first, run, setup
+from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, rank0_first, resolve_amp, run, setup
 from features import Progress, extract_features, feature_batches, knn_accuracy, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
@@ -85,13 +85,15 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict-data", action="store_true",
                    help="stop at an unreadable training image instead of skipping it (test images always must be readable)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the encoder on CUDA; default on, off with --checkpoint-classifier")
+    add_amp_flags(p, default=None, what="the frozen encoder (default: auto; off with --checkpoint-classifier, "
+                                        "whose numbers are float32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
     p.add_argument("--out", default=None, help="results JSON; default: next to the checkpoint")
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of each split (a quick check of the whole run)")
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--dist-timeout", type=float, default=10,
+                   help="minutes a collective waits for a process that died or hangs before the others fail")
     return p.parse_args(argv)
 
 
@@ -108,7 +110,7 @@ def resolve(args, settings):
     if args.workers is None:
         args.workers = data.default_workers()
     if args.amp is None:
-        args.amp = not args.checkpoint_classifier  # float32, as the TF numbers being reproduced
+        args.amp = "off" if args.checkpoint_classifier else "auto"  # float32, as the TF numbers being reproduced
     if args.checkpoint_classifier and (args.random_init or args.cached_features):
         fail("--checkpoint-classifier evaluates the stored classifier: it takes no --random-init or --cached-features")
     if min(args.epochs, args.batch_size, args.knn_k, args.image_size) < 1 or args.workers < 0:
@@ -166,7 +168,9 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
               f"{f'projection-head layer {k}' if k else 'h'}); {args.dataset}: {len(test_raw)} test images; "
               f"processes {ctx.world}, device {ctx.device}", flush=True)
     t = time.time()
-    scores, test_y = extract_features(net, loader, ctx.device, args.amp, args.channels_last, what="test",
+    if ctx.cuda:  # the official numbers are float32: no TF32 in the encoder's convolutions either
+        torch.backends.cudnn.allow_tf32 = False
+    scores, test_y = extract_features(net, loader, ctx.device, AMP_DTYPES[args.amp], args.channels_last, what="test",
                                       progress_every=args.progress_every)
     accs = topk_accuracy(scores.float(), test_y, (1, 5) if stored_classes >= 5 else (1,))
     results = {
@@ -188,9 +192,12 @@ def main():
     encoder, ckpt = load_encoder(args.checkpoint)
     settings = pretrain_settings(ckpt)
     args = resolve(args, settings)
-    ctx = setup(args.batch_size)
+    ctx = setup(args.batch_size, args.dist_timeout)
     device, master = ctx.device, ctx.master
-    args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda
+    args.amp, amp_text = resolve_amp(args.amp, device, train=False)  # the encoder only runs forward here
+    args.channels_last = args.channels_last and ctx.cuda
+    if master:
+        print(amp_text, flush=True)
     if args.checkpoint_classifier:
         return evaluate_checkpoint_classifier(args, encoder, ckpt, ctx)
     if args.random_init:
@@ -234,8 +241,8 @@ def main():
 
     def extract(raw, what, strict=True):
         t = time.time()
-        out = extract_features(encoder, feature_loader(raw, strict=strict), device, args.amp, args.channels_last,
-                               what=what, progress_every=args.progress_every)
+        out = extract_features(encoder, feature_loader(raw, strict=strict), device, AMP_DTYPES[args.amp],
+                               args.channels_last, what=what, progress_every=args.progress_every)
         phases[what.replace(" ", "_")] = round(time.time() - t, 1)
         return out
 
@@ -285,7 +292,8 @@ def main():
                 x = x.to(device, non_blocking=True)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES[args.amp],
+                                                     enabled=args.amp != "off"):
                     h = encoder(x)
                 yield h, y.to(device, non_blocking=True)
 

@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
-from distributed import (OUT_OF_MEMORY, StopRequest, all_sum, fail, rank0_first, restore_rng_states, rng_states,
-                         run, setup)
+from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
+                         rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup)
 from features import extract_features, knn_accuracy
 from lars import LARS, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
@@ -100,13 +100,15 @@ def get_args(argv=None):
     r.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (the loss stays float32)")
+    add_amp_flags(r)
     r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format on CUDA")
     r.add_argument("--distort-on", choices=("device", "workers"), default=None,
                    help="where colour distortion and blur run. device: the data workers only decode, crop and "
                         "flip into uint8, and each batch is distorted on the GPU; workers: the whole view is made "
                         "in the data workers. Default: device on CUDA, workers on CPU")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (the loss stays eager, in float32)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the loss stays eager, in float32); one process on CUDA, or CPU "
+                        "processes: refused for several CUDA processes, whose SyncBatchNorm it cannot compile")
     r.add_argument("--activation-checkpointing", action="store_true",
                    help="keep only the input of the stem and of each residual block for the backward pass and "
                         "recompute the rest there: exact (same loss, gradients, BN statistics); ResNet-50 on CPU: "
@@ -172,29 +174,63 @@ def to_device_views(x1, x2, args, device, generator, seed):
     return x
 
 
-def forward_backward(model, x, temperature, amp):
-    """NT-Xent of the views x = [x1; x2] and its gradients -> (loss, contrast accuracy)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+def check_compile(args, ctx):
+    """--compile is refused where it cannot work: several CUDA processes, i.e. DDP with SyncBatchNorm.
+    SyncBatchNorm's autograd function (torch/nn/modules/_functions.py) all-gathers the statistics
+    and drops ranks with empty inputs by a boolean mask, a tensor of data-dependent shape:
+    dynamo breaks the graph at every such layer or fails (pytorch/pytorch#100239, #107372,
+    #161302). One process (plain BatchNorm) and CPU processes (no SyncBatchNorm) compile."""
+    if args.compile and ctx.ddp and ctx.cuda:
+        fail("--compile with several CUDA processes (DDP + SyncBatchNorm) is not supported: torch.compile cannot "
+             "compile SyncBatchNorm; drop --compile, or use --compile with one process")
+
+
+def forward_backward(model, x, temperature, amp=None, scaler=None):
+    """NT-Xent of the views x = [x1; x2] and its gradients -> (loss, contrast accuracy).
+    amp: the autocast dtype of the network (None: float32); the loss is float32 either way.
+    scaler: fp16's GradScaler, whose scale multiplies the loss for the backward pass."""
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         _, z = model(x)
     z1, z2 = z.chunk(2)
     logits, targets = contrastive_logits(z1, z2, temperature)  # float32, negatives from all ranks
     loss = F.cross_entropy(logits, targets)
     accuracy = contrast_accuracy(logits.detach(), targets)
     del logits  # (2n, 2N): not kept through the backward pass
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     return loss.detach(), accuracy
 
 
-def train_step(model, optimizer, x, temperature, amp, ctx, nonfinite, step):
+def train_step(model, optimizer, x, temperature, amp, ctx, nonfinite, step, scaler=None):
     """Forward, NT-Xent, backward and LARS on the views x, without waiting for the device
-    -> (global mean loss and contrast accuracy, updated `nonfinite` record). From the
-    first non-finite loss on (on any rank), the weights are left as they were."""
+    -> (global mean loss, contrast accuracy and overflow (1: skipped by loss scaling, fp16),
+    updated `nonfinite` record). From the first non-finite loss on (on any rank), the weights
+    are left as they were.
+
+    With a scaler (fp16), a step whose scaled gradients overflowed is skipped the same way,
+    decided on the device, and the scaler lowers its scale; such a step is not a non-finite
+    loss (the loss itself is float32). GradScaler.step would wait for the host (it reads
+    found_inf with .item()), so the scaler only unscales and updates its scale here."""
     optimizer.zero_grad(set_to_none=True)
-    loss, accuracy = forward_backward(model, x, temperature, amp)
+    loss, accuracy = forward_backward(model, x, temperature, amp, scaler)
     stats = all_sum(torch.stack([loss, accuracy]), ctx) / ctx.world  # same on every rank
     nonfinite = first_nonfinite(nonfinite, stats[0], step)
-    optimizer.step(update=nonfinite[0] < 0)
-    return stats, nonfinite
+    update = nonfinite[0] < 0
+    overflow = torch.zeros_like(loss)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the gradients divided by the scale, in place
+        finite = gradients_finite(optimizer)  # the same on every rank: DDP averaged the gradients
+        update, overflow = update & finite, (~finite).to(loss.dtype)
+    optimizer.step(update=update)
+    if scaler is not None:
+        scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
+    return torch.cat([stats, overflow.view(1)]), nonfinite
+
+
+def gradients_finite(optimizer):
+    """A 0-d bool tensor: whether every gradient is finite. The max-norm of a tensor is
+    finite exactly when all its elements are (it cannot overflow as a 2-norm could)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
 
 
 def first_nonfinite(record, loss, step):
@@ -207,10 +243,15 @@ def first_nonfinite(record, loss, step):
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError} - {None})
 
 
+# What a full GPU raises besides OutOfMemoryError: cuDNN and cuBLAS failing to allocate their workspace
+# or handle (RuntimeError, torch.AcceleratorError on newer torch) and the CUDA runtime's own error.
+OOM_TEXTS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE")
+
+
 def is_out_of_memory(e):
-    """torch.OutOfMemoryError (torch >= 2.5), torch.cuda.OutOfMemoryError, or the plain
-    RuntimeError that older torch and some backends raise."""
-    return isinstance(e, OOM_ERRORS) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    """torch.OutOfMemoryError (torch >= 2.5), torch.cuda.OutOfMemoryError, or a RuntimeError
+    that says the GPU is full (older torch, cuDNN, cuBLAS, "CUDA error: out of memory")."""
+    return isinstance(e, OOM_ERRORS) or (isinstance(e, RuntimeError) and any(t in str(e) for t in OOM_TEXTS))
 
 
 def out_of_memory_text(args, ctx, per_rank, step, ckpt_path):
@@ -230,12 +271,16 @@ def main():
     args = get_args()
     ctx = setup(args.batch_size, args.dist_timeout)  # torchrun: one process per GPU (NCCL) or CPU slot (gloo)
     device, master, world = ctx.device, ctx.master, ctx.world
-    args.amp, args.channels_last = args.amp and ctx.cuda, args.channels_last and ctx.cuda  # CUDA-only features
+    args.amp, amp_text = resolve_amp(args.amp, device)  # "bf16", "fp16" (with loss scaling) or "off"
+    args.channels_last = args.channels_last and ctx.cuda  # a CUDA-only feature
+    check_compile(args, ctx)
     args.distort_on = args.distort_on or ("device" if ctx.cuda else "workers")
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
     ckpt_path = prepare_out(args, master)
     loader, views, knn = build_data(args, ctx, per_rank)
+    view_bytes = 3 * args.image_size ** 2 * (1 if args.distort_on == "device" else 4)  # uint8 crops or float views
+    data.check_shared_memory(args.workers, 2 * per_rank * view_bytes)  # each rank: its node's /dev/shm
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
@@ -248,8 +293,9 @@ def main():
     model = SimCLR(encoder, head)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
                      weight_decay=args.weight_decay, eta=args.eta)
-    start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, steps_per_epoch, master)
-                                           if args.resume else (0, 0, [0.0, 0.0, 0.0]))
+    scaler = grad_scaler(args.amp, device)  # fp16 only
+    start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master)
+                                           if args.resume else (0, 0, [0.0] * 4))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -260,10 +306,10 @@ def main():
     if args.compile:
         model = torch.compile(model)
     if master:
-        print_start(args, ctx, encoder, views_text=str(views), peak_lr=peak_lr, per_rank=per_rank,
+        print_start(args, ctx, encoder, amp_text, views_text=str(views), peak_lr=peak_lr, per_rank=per_rank,
                     steps=(steps_per_epoch, total_steps, warmup_steps), start=(start_epoch, start_step), path=ckpt_path)
-    job = SimpleNamespace(args=args, ctx=ctx, model=model, encoder=encoder, optimizer=optimizer, peak_lr=peak_lr,
-                          ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch)  # what the helpers below share
+    job = SimpleNamespace(args=args, ctx=ctx, model=model, encoder=encoder, optimizer=optimizer, scaler=scaler,
+                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch)  # what the helpers below share
     generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
     stop = StopRequest()
     nonfinite = torch.tensor([-1.0, 0.0], device=device)  # [step, loss] of the first non-finite loss
@@ -272,7 +318,7 @@ def main():
         first = start_step if epoch == start_epoch else 0  # a resumed epoch starts where it stopped
         loader.sampler.set_epoch(epoch, skip=first * per_rank)
         model.train()
-        sums = torch.tensor(start_sums if first else [0.0, 0.0, 0.0], device=device)  # loss, accuracy, unreadable
+        sums = torch.tensor(start_sums if first else [0.0] * 4, device=device)  # loss, accuracy, unreadable, overflows
         unreadable = 0  # this process's, since the last log line
         if ctx.cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -286,7 +332,8 @@ def main():
             try:
                 x = to_device_views(x1, x2, args, device, generator,
                                     seed=((args.seed + 1) * 1_000_003 + step) * 4_099 + ctx.rank)
-                stats, nonfinite = train_step(model, optimizer, x, args.temperature, args.amp, ctx, nonfinite, step)
+                stats, nonfinite = train_step(model, optimizer, x, args.temperature, AMP_DTYPES[args.amp], ctx,
+                                              nonfinite, step, scaler)
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
@@ -294,7 +341,8 @@ def main():
                 # that runs out says so and exits without destroying the group; torchrun ends the rest.
                 fail(out_of_memory_text(args, ctx, per_rank, step, ckpt_path), code=OUT_OF_MEMORY,
                      every_rank=ctx.ddp)
-            sums[:2] += stats
+            sums[:2] += stats[:2]
+            sums[3] += stats[2]  # steps skipped by fp16 loss scaling
             unreadable += int(bad_images.sum())
             steps_done += 1
 
@@ -307,7 +355,8 @@ def main():
                     eta = (now - t_start) / steps_done * (total_steps - step - 1)
                     print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
                           f"acc {stats[1]:.3f} lr {lr:.4g} img/s {done * args.batch_size / max(now - t_log, 1e-9):.0f}"
-                          f"{memory_text(ctx)} eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+                          f"{memory_text(ctx)}{scale_text(scaler)} eta {datetime.timedelta(seconds=int(eta))}",
+                          flush=True)
                     t_log = now
                 if stopping and i + 1 < steps_per_epoch:  # at an epoch's end, the epoch checkpoint below serves
                     stop_and_exit(job, stop, epoch, i + 1, sums)
@@ -362,9 +411,11 @@ def build_data(args, ctx, per_rank):
     return loader, views, knn
 
 
-def resume(args, ckpt_path, model, optimizer, steps_per_epoch, master):
-    """Load ckpt.pt into the model and optimizer -> (epoch, step in that epoch, epoch sums so far).
-    The checkpoint does not depend on --activation-checkpointing: resume with or without it."""
+def resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master):
+    """Load ckpt.pt into the model, optimizer and fp16 loss scaler -> (epoch, step in that epoch,
+    epoch sums so far). The checkpoint does not depend on --activation-checkpointing: resume
+    with or without it. A checkpoint without a scaler state (bf16 or float32 run, or written
+    before fp16 existed) resumes an fp16 run with a fresh scaler."""
     ckpt = read_checkpoint(ckpt_path)
     encoder = model.encoder
     if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
@@ -373,6 +424,8 @@ def resume(args, ckpt_path, model, optimizer, steps_per_epoch, master):
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
         fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
              "resume with the original flags")
@@ -387,13 +440,17 @@ def resume(args, ckpt_path, model, optimizer, steps_per_epoch, master):
                         "strength", "blur", "image_size", "weight_decay", "crop_sampler") and ckpt["args"].get(k) != v}
     if changed and master:
         print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
-    return start_epoch, start_step, (ckpt.get("epoch_sums", [0.0, 0.0, 0.0]) if start_step else [0.0, 0.0, 0.0])
+    if scaler is not None and not ckpt.get("scaler") and master:
+        print(f"note: {ckpt_path} holds no fp16 loss-scaler state; the scaler starts afresh", flush=True)
+    sums = list(ckpt.get("epoch_sums", [])) if start_step else []
+    return start_epoch, start_step, sums + [0.0] * (4 - len(sums))  # checkpoints before fp16 kept three
 
 
-def print_start(args, ctx, encoder, views_text, peak_lr, per_rank, steps, start, path):
+def print_start(args, ctx, encoder, amp_text, views_text, peak_lr, per_rank, steps, start, path):
     steps_per_epoch, total_steps, warmup_steps = steps
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {ctx.device}"
           f"{' (' + torch.cuda.get_device_name(ctx.device) + ')' if ctx.cuda else ''}, processes {ctx.world}", flush=True)
+    print(amp_text, flush=True)
     if ctx.ddp and not ctx.cuda:
         print("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
               f"{2 * per_rank} views", flush=True)
@@ -410,6 +467,10 @@ def print_start(args, ctx, encoder, views_text, peak_lr, per_rank, steps, start,
 
 def memory_text(ctx):
     return f" mem {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f}GiB" if ctx.cuda else ""
+
+
+def scale_text(scaler):
+    return f" scale {scaler.get_scale():g}" if scaler is not None else ""  # at log lines only: get_scale waits
 
 
 def check_in(job, stop, nonfinite, sums, unreadable):
@@ -441,7 +502,8 @@ def save(job, epochs_done, step_in_epoch, sums):
         "step_in_epoch": step_in_epoch,     # steps done in the next one (stopped mid-epoch)
         "step": epochs_done * spe + step_in_epoch,  # the learning-rate schedule's position
         "steps_per_epoch": spe,
-        "epoch_sums": sums,                 # loss, accuracy, unreadable images so far in that epoch
+        "epoch_sums": sums,                 # loss, accuracy, unreadable images, overflow steps so far in that epoch
+        "scaler": job.scaler.state_dict() if job.scaler is not None else None,  # fp16 loss scaling
         "rng": rng_states(),
         "args": vars(args),
     }, job.ckpt_path)
@@ -469,17 +531,20 @@ def stop_and_exit(job, stop, epoch, step_in_epoch, sums):
 def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
     """The epoch's record: mean loss and accuracy, kNN accuracy when due; rank 0 saves and logs it."""
     args, ctx, encoder, spe = job.args, job.ctx, job.encoder, job.steps_per_epoch
-    mean_loss, mean_acc, skipped = (sums[:2] / spe).tolist() + [int(sums[2].item())]
+    mean_loss, mean_acc, skipped, overflows = (sums[:2] / spe).tolist() + [int(v) for v in sums[2:].tolist()]
     record = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "loss": mean_loss,
               "contrast_acc": mean_acc, "lr": lr, "epoch_time_s": round(epoch_time, 3),
               "images_per_s": round(steps_done * args.batch_size / epoch_time, 1), "unreadable_images": skipped}
+    if job.scaler is not None:  # fp16: the steps loss scaling skipped, and the scale the epoch ended with
+        record.update(overflow_steps=overflows, loss_scale=job.scaler.get_scale())
     if ctx.cuda:  # of rank 0, over the epoch's steps
         record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3)
     if knn["loaders"] and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
         t_knn = time.time()
         encoder.eval()  # BN running statistics, as the evaluation scripts use
         (train_f, train_y), (test_f, test_y) = (
-            extract_features(encoder, ld, ctx.device, args.amp, args.channels_last, what=f"kNN {split} features")
+            extract_features(encoder, ld, ctx.device, AMP_DTYPES[args.amp], args.channels_last,
+                             what=f"kNN {split} features")
             for ld, split in zip(knn["loaders"], ("train", "test")))
         encoder.train()
         record["knn_top1"] = knn_accuracy(train_f, train_y, test_f, test_y, knn["classes"],
@@ -488,7 +553,7 @@ def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
             print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
                   f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
     if ctx.master:
-        save(job, epoch + 1, 0, [0.0, 0.0, 0.0])
+        save(job, epoch + 1, 0, [0.0] * 4)
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"

@@ -180,7 +180,7 @@ def test_linear_eval_scores_the_stored_classifier_without_training(converted, tm
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1].startswith("top-1 accuracy: ")
     res = json.loads((tmp_path / "r.json").read_text())
-    assert res["protocol"] == "checkpoint_classifier" and res["test_images"] == 16 and not res["amp"]
+    assert res["protocol"] == "checkpoint_classifier" and res["test_images"] == 16 and res["amp"] == "off"
     # the same top-1, computed here from the stored weights
     test = data.build_dataset("synthetic", "data", "test", 64, 64)
     x = torch.stack([EvalTransform(64, train=False)(test[i][0]) for i in range(len(test))])
