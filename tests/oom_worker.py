@@ -1,8 +1,9 @@
 """pretrain.py as users run it, except that its step number OOM_AT (1-based, counted
 in this process) raises the out-of-memory error of a GPU that is full.
 
-    python tests/oom_worker.py PRETRAIN_FLAGS...        (OOM_AT, default 2; OOM_OLD=1: the
-    torchrun ... tests/oom_worker.py PRETRAIN_FLAGS...   plain RuntimeError of older torch)
+    python tests/oom_worker.py PRETRAIN_FLAGS...        (OOM_AT, default 2; OOM_KIND: torch (default,
+    torchrun ... tests/oom_worker.py PRETRAIN_FLAGS...   OutOfMemoryError), old (the plain RuntimeError of
+                                                         older torch), cudnn or cublas (their allocation failures))
 """
 import os
 import runpy
@@ -23,7 +24,12 @@ def full_gpu(*args, **kwargs):
     calls += 1
     if calls == int(os.environ.get("OOM_AT", 2)):
         text = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 39.39 GiB total capacity)"
-        raise RuntimeError(text) if os.environ.get("OOM_OLD") else torch.cuda.OutOfMemoryError(text)
+        kind = os.environ.get("OOM_KIND", "torch")
+        if kind == "cudnn":
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+        if kind == "cublas":
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+        raise RuntimeError(text) if kind == "old" else torch.cuda.OutOfMemoryError(text)
     return real(*args, **kwargs)
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench import step_setup
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, child_env, free_port, run_script
+from distributed import AMP_DTYPES, grad_scaler
 from loss import contrastive_logits
 from model import ProjectionHead, SimCLR, build_encoder, load_encoder
 from pretrain import forward_backward, to_device_views, train_step
@@ -22,23 +23,26 @@ from pretrain import forward_backward, to_device_views, train_step
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_training_step_never_waits_for_the_gpu(checkpointing):
+@pytest.mark.parametrize("checkpointing,amp", [(False, "bf16"), (True, "bf16"), (False, "fp16")])
+def test_the_training_step_never_waits_for_the_gpu(checkpointing, amp):
+    """Also with fp16 and its loss scaler: unscaling, the overflow check and the scale's update
+    stay on the device."""
     device = torch.device("cuda")
     model, optimizer, settings, ctx, nonfinite = step_setup("resnet18", 64, device,
                                                             activation_checkpointing=checkpointing)
+    dtype, scaler = AMP_DTYPES[amp], grad_scaler(amp, device)
     generator = torch.Generator()
     # uint8 crops in pinned memory, as the data workers hand them over on the device path
     crops = [torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8).pin_memory() for _ in range(2)]
     for step in range(2):  # warm-up: cuDNN autotuning, lazy initialisation
         stats, nonfinite = train_step(model, optimizer, to_device_views(*crops, settings, device, generator, step),
-                                      0.1, True, ctx, nonfinite, step)
+                                      0.1, dtype, ctx, nonfinite, step, scaler)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(2, 6):
             x = to_device_views(*crops, settings, device, generator, seed=step)
-            stats, nonfinite = train_step(model, optimizer, x, 0.1, True, ctx, nonfinite, step)
+            stats, nonfinite = train_step(model, optimizer, x, 0.1, dtype, ctx, nonfinite, step, scaler)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(stats).all() and nonfinite[0].item() == -1
@@ -81,7 +85,7 @@ def test_bf16_autocast_keeps_the_loss_float32():
     assert logits.dtype == torch.float32
     reference, _ = contrastive_logits(*z.float().chunk(2), temperature=0.1)  # outside autocast
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
-    loss, accuracy = forward_backward(model, x, 0.1, amp=True)
+    loss, accuracy = forward_backward(model, x, 0.1, amp=torch.bfloat16)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters() if p.grad is not None)
@@ -143,7 +147,9 @@ def test_pretrain_under_torchrun_with_nccl_and_syncbatchnorm(gpu_run):
     folder, result = gpu_run
     out = result.stdout
     assert "device cuda:0 (" in out and "processes 1" in out and "SyncBatchNorm needs CUDA" not in out
-    assert '"amp": true' in out and '"channels_last": true' in out and '"distort_on": "device"' in out
+    major = torch.cuda.get_device_capability()[0]
+    assert f'"amp": "{"bf16" if major >= 8 else "fp16"}"' in out and "compute capability" in out
+    assert '"channels_last": true' in out and '"distort_on": "device"' in out
     assert " mem " in out  # peak GPU memory on the log lines
     log = [json.loads(line) for line in (folder / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all(0 < r["peak_gpu_memory_gib"] < 10 for r in log)
@@ -185,9 +191,10 @@ def test_resume_on_the_gpu(gpu_run):
 def test_evaluation_scripts_on_the_gpu_with_bf16(gpu_run, script, flags):
     folder, _ = gpu_run
     result = run_script([script, folder / "straight" / "encoder.pt", "--workers", "2", "--batch-size", "16", *flags,
+                         "--amp", "bf16",
                          "--out", f"{script}.json"], folder, cuda=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert '"amp": true' in result.stdout and '"channels_last": true' in result.stdout
+    assert '"amp": "bf16"' in result.stdout and '"channels_last": true' in result.stdout
     res = json.loads((folder / f"{script}.json").read_text())
     assert res["test_images"] == 16 and 0 <= res["top1"] <= 100
     assert result.stdout.strip().splitlines()[-1] == f"top-1 accuracy: {res['top1']:.2f}%"
@@ -203,8 +210,8 @@ def test_bench_runs_on_the_gpu(tmp_path):
         assert text in result.stdout, text
 
 
-@pytest.mark.parametrize("script", ["linear_eval", "finetune"])
-def test_evaluation_steps_never_wait_for_the_gpu(gpu_run, script, monkeypatch):
+@pytest.mark.parametrize("script,amp", [("linear_eval", "bf16"), ("finetune", "bf16"), ("finetune", "fp16")])
+def test_evaluation_steps_never_wait_for_the_gpu(gpu_run, script, amp, monkeypatch):
     """Under set_sync_debug_mode("warn") every device-to-host synchronisation warns. Half the
     batch (twice the training steps and feature batches) must add none: no step and no batch
     makes the host wait; what is left (loading, one read per epoch, the scores) is per run."""
@@ -213,7 +220,8 @@ def test_evaluation_steps_never_wait_for_the_gpu(gpu_run, script, monkeypatch):
     counts = []
     for batch in (16, 8):
         argv = [f"{script}.py", str(folder / "straight" / "encoder.pt"), "--workers", "0", "--batch-size", str(batch),
-                "--epochs", "2", "--progress-every", "0", "--out", str(folder / f"sync_{script}_{batch}.json")]
+                "--epochs", "2", "--progress-every", "0", "--amp", amp,
+                "--out", str(folder / f"sync_{script}_{amp}_{batch}.json")]
         monkeypatch.setattr(sys, "argv", argv + (["--label-fraction", "1.0"] if script == "finetune" else []))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -224,3 +232,59 @@ def test_evaluation_steps_never_wait_for_the_gpu(gpu_run, script, monkeypatch):
                 torch.cuda.set_sync_debug_mode(0)
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+# ----------------------------------------------------------------------------
+# The first run on the GPUs people have: fp16 with loss scaling, TF32 scoping, the device choice.
+
+def test_fp16_pretraining_on_the_gpu(tmp_path):
+    """--amp fp16 (what auto picks on a V100 or T4) under torchrun with NCCL: loss scaling,
+    finite losses, the scaler's state in ckpt.pt, and a resume that continues it."""
+    for flags in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
+        result = run_script(["pretrain.py", *TINY, "--amp", "fp16", *flags, "--out", "fp16"], tmp_path, torchrun=1,
+                            cuda=True)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "amp: fp16 + loss scaling (" in result.stdout and " scale " in result.stdout
+    log = [json.loads(line) for line in (tmp_path / "fp16" / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and r["overflow_steps"] < 4 and r["loss_scale"] >= 1 for r in log)
+    ckpt = torch.load(tmp_path / "fp16" / "ckpt.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] == log[-1]["loss_scale"]
+
+
+def test_float32_matmuls_are_true_float32():
+    """After setup(), the loss logits (a float32 matmul) agree with float64 to float32 rounding;
+    with TF32 matmuls (what setup used to turn on) they would not on Ampere and newer."""
+    import distributed
+    distributed.setup()
+    assert torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z1, z2 = (torch.randn(512, 128, device="cuda", generator=g) for _ in range(2))
+    reference, _ = contrastive_logits(z1.double(), z2.double(), temperature=0.1)
+    logits, _ = contrastive_logits(z1, z2, temperature=0.1)
+    finite = torch.isfinite(reference)
+    error = (logits.double() - reference)[finite].abs().max().item()
+    assert error < 1e-4, error  # |logit| <= 10: float32 rounding is ~1e-6
+    if torch.cuda.get_device_capability()[0] >= 8:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            tf32, _ = contrastive_logits(z1, z2, temperature=0.1)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        assert (tf32.double() - reference)[finite].abs().max().item() > 10 * error  # the test can fail
+
+
+def test_one_gpu_per_task_takes_the_visible_gpu(tmp_path):
+    """As srun --gpus-per-task=1 starts rank 3 of a node: LOCAL_RANK 3, one visible GPU; the
+    process group (NCCL, bound to the device where torch takes device_id) forms on cuda:0."""
+    import subprocess
+    import sys
+    code = ("import distributed, torch, torch.distributed as dist; ctx = distributed.setup(); "
+            "x = torch.ones(1, device=ctx.device); dist.all_reduce(x); print(ctx.device, x.item()); "
+            "dist.destroy_process_group()")
+    env = child_env(cuda=True, RANK="0", WORLD_SIZE="1", LOCAL_RANK="3", LOCAL_WORLD_SIZE="4",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONPATH=ROOT)
+    env["CUDA_VISIBLE_DEVICES"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "cuda:0 1.0"

@@ -179,13 +179,13 @@ def test_non_finite_loss_between_log_lines_is_reported_with_its_step(run, tmp_pa
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == saved
 
 
-@pytest.mark.parametrize("torchrun,old", [(0, False), (0, True), (2, False)])
-def test_out_of_memory_is_one_line_with_the_ways_out(tmp_path, monkeypatch, torchrun, old):
+@pytest.mark.parametrize("torchrun,kind", [(0, "torch"), (0, "old"), (0, "cudnn"), (0, "cublas"), (2, "torch")])
+def test_out_of_memory_is_one_line_with_the_ways_out(tmp_path, monkeypatch, torchrun, kind):
     first = run_script(["pretrain.py", *TINY, "--epochs", "1", "--out", "out"], tmp_path, torchrun=torchrun)
     assert first.returncode == 0, first.stderr[-2000:]
     saved = {name: (tmp_path / "out" / name).read_bytes() for name in ("ckpt.pt", "encoder.pt")}
     monkeypatch.setenv("OOM_AT", "3")  # the third step of this process: epoch 2, step 3
-    monkeypatch.setenv("OOM_OLD", "1" if old else "")
+    monkeypatch.setenv("OOM_KIND", kind)
     result = run_script(["tests/oom_worker.py", *TINY, "--epochs", "2", "--out", "out", "--resume"], tmp_path,
                         torchrun=torchrun)
     assert result.returncode == (1 if torchrun else 5)  # torchrun reports a failed process as 1
