@@ -173,6 +173,7 @@ def main():
     args.batch_size, note = data.fit_batch(len(chosen), args.batch_size, ctx.world, "the labelled subset",
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+    data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2 * 4)  # float32 images per batch
     if note and master:
         print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     subset_classes = len(set(data.labels_of(train_raw)[chosen].tolist()))

@@ -220,6 +220,7 @@ def main():
     # a small dataset: the whole training set is the batch
     args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+    data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2 * 4)  # float32 images per batch
     if note and master:
         print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     plain = EvalTransform(args.image_size, train=False)
