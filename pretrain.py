@@ -116,7 +116,8 @@ def get_args(argv=None):
                         "batch that does not fit otherwise, e.g. --batch-size 4096 on 8 GPUs of 40 GB")
     r.add_argument("--log-every", type=int, default=50,
                    help="steps between log lines; also how often the loss is checked for NaN and stop signals are "
-                        "acted on (the only steps that wait for the GPU)")
+                        "acted on (the only steps that wait for the GPU in one process; under DDP on CUDA SyncBatchNorm waits "
+                        "once per BN layer)")
     r.add_argument("--knn-every", type=int, default=None,
                    help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
                         "default: 10, 0 (off) for imagefolder")
