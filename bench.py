@@ -3,6 +3,13 @@
   python bench.py                          # CPU-sized defaults (this is what README reports)
   python bench.py --device cuda            # GPU: ResNet-50, 224 px, 256 images per step
   python bench.py --only views,loss        # some sections
+  python bench.py --device cuda:1 --amp fp16   # that GPU (every CUDA call names it), fp16 + loss scaling
+
+--amp (as pretrain.py's; default auto: bf16 on GPUs of compute capability >= 8.0, fp16 below,
+off on the CPU) sets the encoder's autocast in the step, memory and epoch sections; the loss
+section is float32, as the loss is in training. The first line names the precision. A row
+that runs out of memory is a result ("failed"), and a section that fails is reported while
+the others go on; --json is rewritten after each section.
 
 Sections (every number of a section comes from one run, so ratios are fair on
 a noisy machine):
@@ -13,23 +20,25 @@ a noisy machine):
          JPEG images with decoding; repeats interleaved, medians, and the ratio. Time is
          the thread's CPU time, so other processes on a shared machine do not count.
          --views-baseline FILE adds the SimCLRViews of another augment.py (before/after).
-  step   images/s of pretraining steps (pretrain.py's own step functions, LARS):
+  step   images/s of pretraining steps (pretrain.py's own step functions, LARS, fp16's loss scaler):
          (a) on batches already on the device: the ceiling; (b) with data workers
          making whole views (--distort-on workers); (c) with workers only decoding,
          cropping and flipping into uint8 and the batch distorted on the device
          (--distort-on device, the CUDA default).
   loss   time and peak memory of forward + backward of nt_xent (ours, O(N^2) memory)
          and of the broadcast form several ports use (cosine similarity of
-         (2N, 1, d) against (1, 2N, d): O(N^2 d)), at several 2N with d = 128.
+         (2N, 1, d) against (1, 2N, d): O(N^2 d)), at several 2N with d = 128; sizes
+         whose estimated peak exceeds the memory (see PEAK_OVER_LARGEST) are skipped.
   memory activation memory of one forward + backward of SimCLR (ResNet-50, 128 views
-         of 96 px on CPU; 224 px and 128 / 256 / 512 images per GPU on CUDA, bf16), without
+         of 96 px on CPU; 224 px and 128 / 256 / 512 images per GPU on CUDA; --amp), without
          and with activation checkpointing (on CPU the peak RSS growth of a fresh process,
          on CUDA the allocator's peak above the model), and the time of each (medians of
          interleaved rounds in one process).
   epoch  seconds for one epoch of ResNet-18 (CIFAR stem) on generated 32 px images
-         (50,000 on CUDA), the full pretrain.py data path.
+         (50,000 on CUDA), the full pretrain.py data path and step.
 """
 import argparse
+import gc
 import importlib.util
 import io
 import json
@@ -40,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -52,13 +62,15 @@ from augment import SimCLRViews
 from lars import LARS
 from loss import nt_xent
 from model import ProjectionHead, SimCLR, build_encoder
-from distributed import Context
-from pretrain import forward_backward, to_device_views, train_step
+from distributed import AMP_DTYPES, Context, add_amp_flags, grad_scaler, resolve_amp
+from pretrain import forward_backward, is_out_of_memory, to_device_views, train_step
 
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (every CUDA call measures that GPU)")
+    add_amp_flags(p, what="the encoder in the step, memory and epoch sections (as pretrain.py's --amp)")
     p.add_argument("--only", default="views,step,loss,memory,epoch", help="comma-separated sections")
     p.add_argument("--arch", default=None, help="step section; default resnet50 on CUDA, resnet18 on CPU")
     p.add_argument("--image-size", type=int, default=None, help="step section; default 224 on CUDA, 64 on CPU")
@@ -80,6 +92,9 @@ def get_args():
     p.add_argument("--json", default=None, help="also write all numbers to this file")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
+    if cuda:  # "cuda" -> "cuda:0": every CUDA call below names its GPU
+        device = torch.device(args.device)
+        args.device = str(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
     args.arch = args.arch or ("resnet50" if cuda else "resnet18")
     args.image_size = args.image_size or (224 if cuda else 64)
     args.batch_size = args.batch_size or (256 if cuda else 32)
@@ -180,7 +195,7 @@ def simclr_model(arch, device, width=1, cifar_stem=False, activation_checkpointi
     return model
 
 
-def step_setup(arch, image_size, device, activation_checkpointing=False):
+def step_setup(arch, image_size, device, activation_checkpointing=False, lr=0.1):
     """What pretrain.py's step needs on one device, as pretrain.py sets it up (channels_last and
     cuDNN autotuning on CUDA) -> (model, optimizer, settings, ctx, nonfinite record)."""
     cuda = device.type == "cuda"
@@ -188,35 +203,45 @@ def step_setup(arch, image_size, device, activation_checkpointing=False):
                          activation_checkpointing=activation_checkpointing)
     if cuda:
         torch.backends.cudnn.benchmark = True
-    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=lr)
     settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=cuda)
-    ctx = Context(ddp=False, rank=0, world=1, local_rank=0, device=device)
+    ctx = Context(ddp=False, rank=0, world=1, local_rank=device.index or 0, device=device)
     return model, optimizer, settings, ctx, torch.tensor([-1.0, 0.0], device=device)
+
+
+def sync(device):
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device):
+    """Return the allocator's cached blocks of a CUDA device to the driver (no-op on the CPU)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # empty_cache takes no device: the current one, made this one
+            torch.cuda.empty_cache()
 
 
 def bench_step(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model, optimizer, settings, ctx, nonfinite = step_setup(args.arch, args.image_size, device)
+    amp, scaler = AMP_DTYPES[args.amp], grad_scaler(args.amp, device)  # a loss scaler for fp16, as pretrain.py
     generator = torch.Generator()  # distortion parameters are drawn on the CPU
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
     def run(batches, distort_on):
         settings.distort_on = distort_on
         n = 0
         for i, ((x1, x2), *_) in enumerate(batches):
             if i == 3:  # warm-up: cudnn autotuning, worker start-up
-                sync()
+                sync(device)
                 t, n = time.perf_counter(), 0
             x = to_device_views(x1, x2, settings, device, generator, seed=i)
-            train_step(model, optimizer, x, 0.1, cuda, ctx, nonfinite, step=i)  # pretrain.py's step
+            train_step(model, optimizer, x, 0.1, amp, ctx, nonfinite, step=i, scaler=scaler)  # pretrain.py's step
             n += x1.shape[0]
             if i == args.steps + 2:
                 break
-        sync()
+        sync(device)
         return n / (time.perf_counter() - t)
 
     b, s = args.batch_size, args.image_size
@@ -231,7 +256,8 @@ def bench_step(args):
         results[label] = run(loader, distort_on)
         del loader
     print(f"\n[step] {args.arch}, {s} px, {b} images (x2 views) per step, {args.device}"
-          f"{' bf16 autocast, channels_last' if cuda else ''}, {args.workers} workers, "
+          f", amp {args.amp}{' + loss scaling' if scaler else ''}{', channels_last' if cuda else ''}, "
+          f"{args.workers} workers, "
           f"{args.steps} timed steps after 3 warm-up")
     ceiling = results["(a) data on device (ceiling)"]
     for label, r in results.items():
@@ -250,70 +276,6 @@ def broadcast_nt_xent(z1, z2, temperature):
     sim = sim.masked_fill(torch.eye(two_n, dtype=torch.bool, device=z.device), float("-inf"))
     targets = (torch.arange(two_n, device=z.device) + two_n // 2) % two_n
     return F.cross_entropy(sim, targets)
-
-
-def _loss_once(form, two_n, d, device):
-    """Forward + backward of one loss form -> (seconds, peak bytes above the inputs)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    z1 = torch.randn(two_n // 2, d, device=device, generator=g, requires_grad=True)
-    z2 = torch.randn(two_n // 2, d, device=device, generator=g, requires_grad=True)
-    fn = nt_xent if form == "ours" else broadcast_nt_xent
-    warm = min(256, two_n // 2)  # warm-up below full size: a full-size one would set the peak
-    fn(z1[:warm], z2[:warm], 0.1).backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t = time.perf_counter()
-    fn(z1, z2, 0.1).backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return time.perf_counter() - t, peak
-
-
-def bench_loss(args):
-    device = torch.device(args.device)
-    d = 128
-    if device.type == "cuda":
-        budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
-    else:
-        budget = 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"\n[loss] nt_xent forward + backward, d = {d}, {args.device}, one process; memory: peak above the inputs"
-          f" ({'CUDA allocator' if device.type == 'cuda' else 'peak RSS of a fresh process'})")
-    rows = []
-    for two_n in args.loss_sizes:
-        for form in ("ours", "broadcast"):
-            # forward + backward hold about three of the largest intermediate: (2N)^2 floats
-            # for ours, (2N)^2 d for the broadcast form
-            largest = 4 * two_n * two_n * (d if form == "broadcast" else 1)
-            if 3 * largest > budget:
-                rows.append({"2N": two_n, "form": form, "skipped": f"needs about {3 * largest / 2**30:.0f} GiB"})
-                print(f"  2N = {two_n:6d} {form:9s}  skipped: its ({two_n}, {two_n}{', ' + str(d) if form == 'broadcast' else ''})"
-                      f" tensor alone is {largest / 2**30:.1f} GiB, about {3 * largest / 2**30:.0f} GiB with its backward")
-                continue
-            if device.type == "cuda":
-                seconds, peak = _loss_once(form, two_n, d, device)
-            else:  # a fresh process per measurement, so peak RSS belongs to this measurement
-                code = (f"import bench, torch; s, p = bench._loss_once({form!r}, {two_n}, {d}, torch.device('cpu')); "
-                        "print(s, p)")
-                # Every allocation over 64 KiB gets its own mapping, returned when freed, so peak
-                # RSS counts the live tensors (glibc otherwise reuses freed heap and hides them).
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                                     cwd=os.path.dirname(os.path.abspath(__file__)))
-                if out.returncode:
-                    rows.append({"2N": two_n, "form": form, "skipped": out.stderr.strip().splitlines()[-1][:200]})
-                    print(f"  2N = {two_n:6d} {form:9s}  failed: {rows[-1]['skipped']}")
-                    continue
-                seconds, peak = (float(v) for v in out.stdout.split())
-            rows.append({"2N": two_n, "form": form, "seconds": seconds, "peak_bytes": peak})
-            print(f"  2N = {two_n:6d} {form:9s}  {seconds * 1000:10.1f} ms   peak {peak / 2**30:8.3f} GiB")
-    return {"loss": rows}
 
 
 def _status_bytes(field):
@@ -340,10 +302,129 @@ def peak_rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def activation_memory(arch, width, views, size, checkpointing, device="cpu"):
-    """Forward + backward of SimCLR on `views` random images -> (seconds, peak bytes above
-    the model, its gradients and the input). On CPU run it in a fresh process with
-    MALLOC_MMAP_THRESHOLD_ set (see bench_loss) so that peak RSS counts live tensors."""
+def in_fresh_process(code):
+    """Run `code`, which prints numbers, in a new Python process in the repository -> the numbers;
+    RuntimeError with its last line of stderr if it failed (one the kernel killed for memory leaves none)."""
+    # Every allocation over 64 KiB gets its own mapping, returned when freed, so peak
+    # RSS counts the live tensors (glibc otherwise reuses freed heap and hides them).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode:
+        lines = out.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1][:200] if lines else f"the measuring process exited with status {out.returncode}")
+    return [float(v) for v in out.stdout.split()]
+
+
+def out_of_memory_row(fn, device):
+    """fn() -> (its result, None), or (None, the error's first line) if it ran out of memory: on CUDA
+    an out-of-memory error, on the CPU a fresh process that failed. Other errors propagate. The
+    CUDA cache is emptied after either, so the next row starts from the same free memory."""
+    result, error = None, None
+    try:
+        result = fn()
+    except RuntimeError as e:  # torch.cuda.OutOfMemoryError is one
+        if device.type == "cuda" and not is_out_of_memory(e):
+            raise
+        error = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if device.type == "cuda":  # out here, where the exception no longer holds the failed row's tensors
+        gc.collect()
+        empty_cache(device)
+    return result, error
+
+
+def _loss_once(form, two_n, d, device):
+    """Forward + backward of one loss form -> (seconds, peak bytes above the inputs). On CPU
+    run it in a fresh process (in_fresh_process) so that peak RSS counts live tensors."""
+    g = torch.Generator(device=device).manual_seed(0)
+    z1 = torch.randn(two_n // 2, d, device=device, generator=g, requires_grad=True)
+    z2 = torch.randn(two_n // 2, d, device=device, generator=g, requires_grad=True)
+    fn = nt_xent if form == "ours" else broadcast_nt_xent
+    fn(z1[:256], z2[:256], 0.1).backward()  # warm-up (threads, workspaces); the peak is measured from after it
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = start_peak_rss()
+    t = time.perf_counter()
+    fn(z1, z2, 0.1).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = peak_rss() - base
+    return time.perf_counter() - t, peak
+
+
+# Peak memory of one forward + backward, in multiples of the form's largest tensor ((2N)^2 floats for
+# ours, (2N)^2 d for the broadcast form, d = 128), as this section measures it on the CPU (peak RSS above
+# the inputs in a fresh process, from the high-water mark reset after the warm-up):
+# `python bench.py --only loss --loss-sizes 1024,1536,2048,4096,8192,16384`, torch 2.14, AMD EPYC
+# (2 cores, CPU capability AVX512): ours 3.03x-3.32x for 2N = 2048..16384 (3.45x at 1536 and 3.71x at
+# 1024, where fixed costs count); broadcast 6.03x at 2N = 1024, 1536 and 2048 (larger sizes do not
+# fit that machine). The budget (80% of the free memory) takes them with about a sixth more; a row that
+# runs out anyway is recorded as failed and the section goes on.
+PEAK_OVER_LARGEST = {"ours": 4, "broadcast": 7}
+
+
+def available_memory():
+    """Bytes of memory a new process can take without swapping (Linux MemAvailable; else all of it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def bench_loss(args):
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    d = 128
+    if cuda:
+        empty_cache(device)  # what earlier sections left cached counts as free
+        budget = 0.8 * torch.cuda.mem_get_info(device)[0]
+    else:
+        budget = 0.8 * available_memory()
+    print(f"\n[loss] nt_xent forward + backward, float32, d = {d}, {args.device}, one process; memory: peak above the"
+          f" inputs ({'CUDA allocator' if cuda else 'peak RSS of a fresh process'}); budget {budget / 2**30:.0f} GiB")
+    rows = []
+    for two_n in args.loss_sizes:
+        for form in ("ours", "broadcast"):
+            shape = f"({two_n}, {two_n}{', ' + str(d) if form == 'broadcast' else ''})"
+            largest = 4 * two_n * two_n * (d if form == "broadcast" else 1)
+            need = PEAK_OVER_LARGEST[form] * largest
+            if need > budget:
+                rows.append({"2N": two_n, "form": form, "skipped": f"needs about {need / 2**30:.0f} GiB"})
+                print(f"  2N = {two_n:6d} {form:9s}  skipped: its {shape} tensor alone is {largest / 2**30:.1f} GiB, "
+                      f"about {need / 2**30:.0f} GiB with the rest of forward + backward")
+                continue
+            code = f"import bench, torch; print(*bench._loss_once({form!r}, {two_n}, {d}, torch.device('cpu')))"
+            # on CPU in a fresh process, so that its peak RSS belongs to this measurement
+            result, error = out_of_memory_row(lambda: _loss_once(form, two_n, d, device) if cuda
+                                              else in_fresh_process(code), device)
+            if error:
+                rows.append({"2N": two_n, "form": form, "error": error})
+                print(f"  2N = {two_n:6d} {form:9s}  failed: {error}")
+                continue
+            seconds, peak = result
+            rows.append({"2N": two_n, "form": form, "seconds": seconds, "peak_bytes": peak,
+                         "peak_over_largest": peak / largest})
+            print(f"  2N = {two_n:6d} {form:9s}  {seconds * 1000:10.1f} ms   peak {peak / 2**30:8.3f} GiB"
+                  f" = {peak / largest:4.2f}x its {shape} tensor")
+    return {"loss": rows}
+
+
+def activation_memory(arch, width, views, size, checkpointing, device="cpu", amp="off"):
+    """Forward + backward of SimCLR on `views` random images, the encoder under autocast `amp`
+    ("bf16", "fp16", "off") -> (seconds, peak bytes above the model, its gradients and the
+    input). On CPU run it in a fresh process (activation_memory_in_fresh_process) so that
+    peak RSS counts live tensors.
+
+    fp16 runs without its loss scaler here: the scaler only multiplies the float32 loss (one
+    number) before the backward pass, which changes neither the tensors kept nor the kernels
+    run, and one that never takes an optimizer step would keep its first scale (2^16) and
+    overflow where training's, having adapted, would not."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     model = simclr_model(arch, device, width, activation_checkpointing=checkpointing)
@@ -352,11 +433,11 @@ def activation_memory(arch, width, views, size, checkpointing, device="cpu"):
         p.grad = torch.zeros_like(p)
 
     def step(batch):
-        return forward_backward(model, batch, 0.1, amp=cuda)
+        return forward_backward(model, batch, 0.1, amp=AMP_DTYPES[amp])
 
     step(x[:4])  # warm-up: one-time allocations (threads, workspaces) stay out of the peak
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
@@ -364,49 +445,44 @@ def activation_memory(arch, width, views, size, checkpointing, device="cpu"):
     t = time.perf_counter()
     step(x)
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = peak_rss() - base
     return time.perf_counter() - t, peak
 
 
-def activation_memory_in_fresh_process(arch, width, views, size, checkpointing):
-    code = (f"import bench; s, p = bench.activation_memory({arch!r}, {width}, {views}, {size}, {checkpointing}); "
-            "print(s, p)")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    seconds, peak = (float(v) for v in out.stdout.split())
+def activation_memory_in_fresh_process(arch, width, views, size, checkpointing, amp="off"):
+    code = (f"import bench; s, p = bench.activation_memory({arch!r}, {width}, {views}, {size}, {checkpointing}, "
+            f"amp={amp!r}); print(s, p)")
+    seconds, peak = in_fresh_process(code)
     return seconds, peak
 
 
-def checkpointing_step_times(arch, width, views, size, rounds, device):
+def checkpointing_step_times(arch, width, views, size, rounds, device, amp="off"):
     """Seconds of one forward + backward without and with activation checkpointing: one
     model, the two variants interleaved for `rounds` rounds -> medians {False: s, True: s}."""
     device = torch.device(device)
-    cuda = device.type == "cuda"
     model = simclr_model(arch, device, width)
     x = torch.rand(views, 3, size, size, device=device)
     times = {False: [], True: []}
     for r in range(rounds + 1):  # the first round warms up
         for checkpointing in (False, True):
             model.encoder.activation_checkpointing = checkpointing
-            if cuda:
-                torch.cuda.synchronize()
+            sync(device)
             t = time.perf_counter()
-            forward_backward(model, x, 0.1, amp=cuda)
-            if cuda:
-                torch.cuda.synchronize()
+            forward_backward(model, x, 0.1, amp=AMP_DTYPES[amp])  # without fp16's scaler: see activation_memory
+            sync(device)
             if r:
                 times[checkpointing].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_memory(args):
-    cuda = args.device.startswith("cuda")
-    print(f"\n[memory] {args.memory_arch} x{args.memory_width:g}, one forward + backward, {args.device}"
-          f"{' bf16 autocast, channels_last; CUDA allocator peak above the model' if cuda else '; peak RSS growth of a fresh process'}"
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    print(f"\n[memory] {args.memory_arch} x{args.memory_width:g}, one forward + backward, {args.device}, amp {args.amp}"
+          f"{', channels_last; CUDA allocator peak above the model' if cuda else '; peak RSS growth of a fresh process'}"
           f"; time: median of {args.memory_rounds} interleaved rounds in one process")
     rows = []
     for case in args.memory_cases.split(","):
@@ -414,30 +490,31 @@ def bench_memory(args):
         row = {"images": images, "views": 2 * images, "size": size}
         for checkpointing in (False, True):
             key = "checkpointing" if checkpointing else "plain"
-            try:
-                if cuda:
-                    _, peak = activation_memory(args.memory_arch, args.memory_width, 2 * images, size, checkpointing,
-                                                args.device)
-                    torch.cuda.empty_cache()
-                else:
-                    _, peak = activation_memory_in_fresh_process(args.memory_arch, args.memory_width, 2 * images,
-                                                                 size, checkpointing)
-            except (RuntimeError, subprocess.CalledProcessError) as e:  # out of memory: a result too
-                row[key] = {"error": str(e).splitlines()[0][:120]}
-                print(f"  {images} images x 2 views, {size} px, checkpointing {checkpointing}: failed ({row[key]['error']})")
+            measure = activation_memory if cuda else activation_memory_in_fresh_process
+            extra = (args.device,) if cuda else ()
+            result, error = out_of_memory_row(lambda: measure(args.memory_arch, args.memory_width, 2 * images, size,
+                                                              checkpointing, *extra, amp=args.amp), device)
+            if error:  # out of memory: a result too
+                row[key] = {"error": error}
+                print(f"  {images} images x 2 views, {size} px, checkpointing {checkpointing}: failed ({error})")
                 continue
-            row[key] = {"peak_bytes": peak}
-            print(f"  {images} images x 2 views, {size} px, checkpointing {str(checkpointing):5s}: peak {peak / 2**30:7.2f} GiB")
-        if "peak_bytes" in row.get("plain", {}) and "peak_bytes" in row.get("checkpointing", {}):
-            seconds = checkpointing_step_times(args.memory_arch, args.memory_width, 2 * images, size,
-                                               args.memory_rounds, args.device)
-            row["plain"]["seconds"], row["checkpointing"]["seconds"] = seconds[False], seconds[True]
-            if cuda:
-                torch.cuda.empty_cache()
-            less = row["plain"]["peak_bytes"] / row["checkpointing"]["peak_bytes"] if row["checkpointing"]["peak_bytes"] else 0
-            print(f"  -> checkpointing: {f'{less:.2f}x less' if less else 'too small to compare'} "
-                  f"activation memory, {seconds[True] / seconds[False]:.2f}x the time "
-                  f"({seconds[False] * 1000:.0f} -> {seconds[True] * 1000:.0f} ms)")
+            row[key] = {"peak_bytes": result[1]}
+            print(f"  {images} images x 2 views, {size} px, checkpointing {str(checkpointing):5s}: "
+                  f"peak {result[1] / 2**30:7.2f} GiB")
+        if "peak_bytes" in row["plain"] and "peak_bytes" in row["checkpointing"]:
+            seconds, error = out_of_memory_row(
+                lambda: checkpointing_step_times(args.memory_arch, args.memory_width, 2 * images, size,
+                                                 args.memory_rounds, device, args.amp), device)
+            if error:
+                row["timing_error"] = error
+                print(f"  -> timing both in one process failed ({error})")
+            else:
+                row["plain"]["seconds"], row["checkpointing"]["seconds"] = seconds[False], seconds[True]
+                less = (row["plain"]["peak_bytes"] / row["checkpointing"]["peak_bytes"]
+                        if row["checkpointing"]["peak_bytes"] else 0)
+                print(f"  -> checkpointing: {f'{less:.2f}x less' if less else 'too small to compare'} "
+                      f"activation memory, {seconds[True] / seconds[False]:.2f}x the time "
+                      f"({seconds[False] * 1000:.0f} -> {seconds[True] * 1000:.0f} ms)")
         rows.append(row)
     return {"memory": rows}
 
@@ -446,12 +523,9 @@ def bench_epoch(args):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     b = 512 if cuda else 64
-    model = simclr_model("resnet18", device, cifar_stem=True)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    settings = argparse.Namespace(distort_on="device" if cuda else "workers", strength=0.5, blur=False,
-                                  channels_last=cuda)
+    model, optimizer, settings, ctx, nonfinite = step_setup("resnet18", 32, device, lr=1.0)  # CIFAR stem at 32 px
+    settings.distort_on, settings.strength, settings.blur = ("device" if cuda else "workers"), 0.5, False
+    amp, scaler = AMP_DTYPES[args.amp], grad_scaler(args.amp, device)
     views = SimCLRViews(32, strength=0.5, blur=False)
     t_gen = time.perf_counter()
     raw = data.SyntheticImages(args.epoch_images, 32)
@@ -462,14 +536,11 @@ def bench_epoch(args):
     t = time.perf_counter()
     for i, ((x1, x2), *_) in enumerate(loader):
         x = to_device_views(x1, x2, settings, device, generator, seed=i)
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, x, 0.5, amp=cuda)
-        optimizer.step()
-    if cuda:
-        torch.cuda.synchronize()
+        train_step(model, optimizer, x, 0.5, amp, ctx, nonfinite, step=i, scaler=scaler)  # pretrain.py's step
+    sync(device)
     seconds = time.perf_counter() - t
     print(f"\n[epoch] ResNet-18 CIFAR stem, {args.epoch_images} generated 32 px images, batch {b}, "
-          f"{args.device}, distort on {settings.distort_on}, {args.workers} workers: {seconds:.1f} s "
+          f"{args.device}, amp {args.amp}, distort on {settings.distort_on}, {args.workers} workers: {seconds:.1f} s "
           f"({len(loader) * b / seconds:.0f} images/s; generating the images took {t_gen:.1f} s)")
     return {"epoch_seconds": seconds, "epoch_images": args.epoch_images}
 
@@ -486,21 +557,45 @@ def cpu_model():
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def write_json(path, results):
+    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def main():
     args = get_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # anything that still uses the current GPU (pinned memory) uses this one
+    args.amp, amp_text = resolve_amp(args.amp, device)  # "bf16", "fp16" (loss scaling in training) or "off"
     print(f"torch {torch.__version__}, device {args.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}, "
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {amp_text}, "
           f"{os.cpu_count()} CPUs: {cpu_model()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
     results = {"args": vars(args)}
     sections = {"views": bench_views, "step": bench_step, "loss": bench_loss, "memory": bench_memory,
                 "epoch": bench_epoch}
-    for name in args.only.split(","):
+    names = args.only.split(",")
+    for name in names:
         if name not in sections:
             sys.exit(f"bench.py: error: unknown section {name!r}; choose from {', '.join(sections)}")
-        results[name] = sections[name](args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    failed = []
+    for name in names:
+        try:
+            results[name] = sections[name](args)
+        except Exception as e:  # the other sections' numbers still count: report this one and go on
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
+            print(f"\n[{name}] failed: {results[name]['error']}")
+            failed.append(name)
+            gc.collect()
+            empty_cache(device)
+        if args.json:
+            write_json(args.json, results)
+    if failed:
+        sys.exit(f"bench.py: section(s) {', '.join(failed)} failed; the others' numbers are above"
+                 f"{' and in ' + args.json if args.json else ''}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import data  # noqa: E402
 import pretrain  # noqa: E402
 from augment import SimCLRViews  # noqa: E402
 from bench import Jpegs, make_jpegs, step_setup  # noqa: E402
+from distributed import AMP_DTYPES, grad_scaler, resolve_amp  # noqa: E402
 
 PARTS = ("loader wait", "copy + distortion", "jitter", "jitter: brightness", "jitter: contrast",
          "jitter: saturation", "jitter: hue", "grayscale", "blur", "forward", "loss", "backward", "lars")
@@ -128,8 +129,11 @@ def main():
 
     def sync():
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
+    # pretrain.py's default --amp: bf16 on GPUs of compute capability >= 8.0, fp16 with loss scaling below, off on CPU
+    precision, amp_text = resolve_amp("auto", device)
+    amp, scaler = AMP_DTYPES[precision], grad_scaler(precision, device)
     model, optimizer, settings, ctx, nonfinite = step_setup(args.arch, args.image_size, device)
     generator = torch.Generator()
     views = SimCLRViews(args.image_size)
@@ -143,7 +147,7 @@ def main():
         with record_function("loader wait"):
             (x1, x2), *_ = next(batches)
         x = to_device_views(x1, x2, settings, device, generator, seed=i)
-        return pretrain.train_step(model, optimizer, x, 0.1, cuda, ctx, nonfinite, step=i)
+        return pretrain.train_step(model, optimizer, x, 0.1, amp, ctx, nonfinite, step=i, scaler=scaler)
 
     for i in range(3):  # warm-up: cuDNN autotuning, worker start-up
         step(i)
@@ -159,7 +163,8 @@ def main():
         prof.export_chrome_trace(args.trace)
 
     events = {e.key: e for e in prof.key_averages()}
-    print(f"torch {torch.__version__}, {device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, "
+    print(f"torch {torch.__version__}, {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, "
+          f"{amp_text}, "
           f"{args.arch}, {args.image_size} px, {args.batch_size} images (x2 views) per step, {args.workers} workers, "
           f"{args.steps} profiled steps: {1e3 * seconds:.1f} ms per step under the profiler, "
           f"{args.batch_size / seconds:.0f} images/s")
