@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -89,6 +90,23 @@ def kill_tree(pid):
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def wait_for_line(proc, text, timeout=120):
+    """Read proc's output until a line contains text; after `timeout` s, kill it and all its processes."""
+    timer = threading.Timer(timeout, kill_tree, [proc.pid])  # also ends a readline that waits forever
+    timer.start()
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if text in line:
+                return seen
+    finally:
+        timer.cancel()
+    kill_tree(proc.pid)
+    err = proc.stderr.read()[-3000:] if proc.stderr else ""
+    raise AssertionError(f"never saw {text!r}; output:\n{''.join(seen)[-3000:]}\n{err}")
 
 
 @pytest.fixture

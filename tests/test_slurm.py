@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, communicate, free_port, kill_tree
+from conftest import ROOT, TINY, child_env, communicate, free_port, wait_for_line
 
 SBATCH = os.path.join(ROOT, "tools", "pretrain.sbatch")
 
@@ -105,22 +104,6 @@ def run_job(args, env, timeout=120):
     proc = start(args, env)
     out, _ = communicate(proc, timeout)
     return proc.returncode, out
-
-
-def wait_for_line(proc, text, timeout=120):
-    """Read the job's output until a line contains text; past `timeout` s, kill the job and fail."""
-    timer = threading.Timer(timeout, kill_tree, [proc.pid])  # also ends a readline that would wait forever
-    timer.start()
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if text in line:
-                return "".join(seen)
-    finally:
-        timer.cancel()
-    kill_tree(proc.pid)
-    raise AssertionError(f"never saw {text!r}; output:\n{''.join(seen)[-3000:]}")
 
 
 def requeues(log):
