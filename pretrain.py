@@ -54,9 +54,9 @@ def get_args(argv=None):
     d.add_argument("--dataset", default="imagefolder", choices=data.DATASETS,
                    help="imagefolder: DIR/train/CLASS/* (labels ignored); stl10: train+unlabeled; "
                         "synthetic: generated images, no download")
-    d.add_argument("--data-dir", default="data", help="dataset root; CIFAR/STL-10 are downloaded here if missing")
+    d.add_argument("--data-dir", default="data", help="dataset root; CIFAR/STL-10/MNIST/Fashion-MNIST are downloaded here if missing")
     d.add_argument("--image-size", type=int, default=None,
-                   help="crop size; default: 224 imagefolder, 96 stl10, 32 cifar/synthetic")
+                   help="crop size; default: 224 imagefolder, 96 stl10, 28 mnist/fashionmnist, 32 cifar/synthetic")
     d.add_argument("--synthetic-size", type=int, default=512, help="number of generated training images")
     d.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of each split (pretraining, kNN train and test): a quick "
