@@ -89,6 +89,10 @@ def get_args(argv=None):
     o.add_argument("--weight-decay", type=float, default=1e-6, help="paper: 1e-6 (official README later: 1e-4)")
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--eta", type=float, default=0.001, help="LARS trust coefficient")
+    o.add_argument("--optimizer", default="lars", choices=("lars", "sgd"),
+                   help="lars: the paper's (biases and BN parameters without weight decay or trust ratio); sgd: "
+                        "momentum SGD with weight decay on every parameter, as lightly's and most PyTorch ports' "
+                        "CIFAR benchmarks (same learning-rate schedule and buffer convention, no trust ratio)")
     o.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature; default 0.1 (0.5 CIFAR recipe)")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/simclr", help="folder for ckpt.pt, encoder.pt and log.jsonl")
@@ -247,7 +251,8 @@ def main():
     head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
     model = SimCLR(encoder, head)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
-                     weight_decay=args.weight_decay, eta=args.eta)
+                     weight_decay=args.weight_decay, eta=args.eta,
+                     trust_ratio=args.optimizer == "lars", exclude_1d=args.optimizer == "lars")
     start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, steps_per_epoch, master)
                                            if args.resume else (0, 0, [0.0, 0.0, 0.0]))
     model.to(device)
@@ -383,8 +388,8 @@ def resume(args, ckpt_path, model, optimizer, steps_per_epoch, master):
     if "rng" in ckpt:
         restore_rng_states(ckpt["rng"])
     changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
-               if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature",
-                        "strength", "blur", "image_size", "weight_decay", "crop_sampler") and ckpt["args"].get(k) != v}
+               if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature", "strength",
+                        "blur", "image_size", "weight_decay", "crop_sampler", "optimizer") and ckpt["args"].get(k) != v}
     if changed and master:
         print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
     return start_epoch, start_step, (ckpt.get("epoch_sums", [0.0, 0.0, 0.0]) if start_step else [0.0, 0.0, 0.0])
