@@ -54,6 +54,12 @@ def test_crop_sampler_flag_and_warmup_longer_than_the_run(capsys, monkeypatch):
     assert "invalid choice: 'torchvision'" in capsys.readouterr().err
 
 
+def test_sgd_optimizer_decays_and_steps_every_parameter_alike(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", "--optimizer", "sgd", "--weight-decay", "5e-4")
+    groups = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["trust_ratio"] is False and g["exclude_1d"] is False and g["weight_decay"] == 5e-4 for g in groups)
+
+
 def test_resume_continues_exactly(run, tmp_path):
     run("pretrain.py", *TINY, "--epochs", "3", "--out", "straight")
     # Epoch 1 of a 1-epoch run has the same learning rates as epoch 1 of a 3-epoch
