@@ -67,6 +67,9 @@ def get_args(argv=None):
     m.add_argument("--width", type=float, default=1, help="channel multiplier of every convolution (paper: 1, 2, 4)")
     m.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="3x3 stride-1 stem without max-pool; default: on for images <= 32 px")
+    m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the last BN gamma of every residual block at 0 (official); --no-zero-init-residual: "
+                        "at 1, as torchvision and lightly")
     m.add_argument("--proj-layers", type=int, default=2, help="projection head depth (2: SimCLR v1, 3: v2)")
     m.add_argument("--proj-hidden-dim", type=int, default=None, help="default: the encoder's feature dim")
     m.add_argument("--proj-dim", type=int, default=128, help="output dim of the projection head")
@@ -246,8 +249,8 @@ def main():
 
     # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
     torch.manual_seed(args.seed)
-    encoder = build_encoder(args.arch, args.width, args.cifar_stem,
-                            activation_checkpointing=args.activation_checkpointing)
+    encoder = build_encoder(args.arch, args.width, args.cifar_stem, activation_checkpointing=args.activation_checkpointing,
+                            zero_init_residual=args.zero_init_residual)
     head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
     model = SimCLR(encoder, head)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
