@@ -34,7 +34,8 @@ def test_cifar_recipe_defaults_and_printed_settings(run):
     settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert settings["cifar_stem"] is True and settings["strength"] == 0.5
     assert settings["blur"] is False and settings["temperature"] == 0.5
-    assert "peak lr 0.01875 = 0.3 x batch/256" in result.stdout
+    assert settings["lr"] == 1.0 and settings["weight_decay"] == 1e-4  # the official README's CIFAR recipe
+    assert "peak lr 0.0625 = 1.0 x batch/256" in result.stdout
     assert "crop_sampler='inception'" in result.stdout  # the flag reaches the views
     assert "warning" not in result.stderr  # warmup (1 epoch) = the run: no warning
 
