@@ -127,7 +127,7 @@ def test_bad_input_is_one_clear_line(run, flags, text):
 
 
 def test_unknown_dataset_and_arch_are_rejected(run):
-    for flag, value in (("--dataset", "mnist"), ("--arch", "vgg16")):
+    for flag, value in (("--dataset", "svhn"), ("--arch", "vgg16")):
         result = run("pretrain.py", *TINY, flag, value, check=False)
         assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
 
