@@ -281,7 +281,7 @@ def main():
         for path in paths:
             f = torch.load(path, weights_only=True)
             results[name].append({**scores(*f["train"], *f["test"]), **f["info"]})
-    print(f"\n| method | seeds | kNN (k=200, t=0.1) | linear (logistic) | per seed kNN / linear |\n|---|---|---|---|---|")
+    print("\n| method | seeds | kNN (k=200, t=0.1) | linear (logistic) | per seed kNN / linear |\n|---|---|---|---|---|")
     for name, rows in results.items():
         knn, lin = (np.array([r[k] for r in rows]) for k in ("knn", "linear"))
         spread = lambda v: f" ± {v.std(ddof=1):.1f}" if len(v) > 1 else ""  # noqa: E731
