@@ -1,7 +1,8 @@
 """Datasets and loaders shared by pretrain.py, linear_eval.py and finetune.py.
 
-CIFAR-10/100 and STL-10 come from torchvision (downloaded into --data-dir when
-the network allows), imagefolder is the ImageNet layout (DIR/train/CLASS/*,
+CIFAR-10/100, STL-10, MNIST and Fashion-MNIST come from torchvision (downloaded
+into --data-dir when the network allows; the two grayscale sets are given as RGB
+images of three equal channels), imagefolder is the ImageNet layout (DIR/train/CLASS/*,
 DIR/val/CLASS/*), and synthetic is a labelled set of generated images
 (textures and shapes, no download) for trying the pipeline offline.
 build_dataset returns (PIL image, label) pairs; SeededTransform applies a
@@ -23,14 +24,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "imagefolder": 224, "synthetic": 32}
+DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "imagefolder", "synthetic")
+# The size the images come in (the default --image-size). MNIST and Fashion-MNIST are 28 px:
+# by default the views are 28 px too (CIFAR stem, no resampling of the test images);
+# --image-size 32 resizes them to CIFAR's size.
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "mnist": 28, "fashionmnist": 28,
+               "imagefolder": 224, "synthetic": 32}
 
 DOWNLOADS = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py"),
     "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python"),
     "stl10": ("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "stl10_binary"),
 }
+# MNIST and Fashion-MNIST: torchvision's class and folder, and the four idx files it reads
+# from DATA_DIR/FOLDER/raw (each one also as .gz, which torchvision unpacks there).
+IDX_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class DataError(Exception):
@@ -143,6 +152,10 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
     if name == "stl10":
         stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
         make = lambda dl: datasets.STL10(data_dir, split=stl_split, download=dl)  # noqa: E731
+    elif name in IDX_DATASETS:
+        cls = getattr(datasets, IDX_DATASETS[name])
+        _unpack_idx(os.path.join(data_dir, IDX_DATASETS[name], "raw"))
+        make = lambda dl: GrayAsRGB(cls(data_dir, train=train, download=dl))  # noqa: E731
     else:
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         make = lambda dl: cls(data_dir, train=train, download=dl)  # noqa: E731
@@ -158,9 +171,50 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
 
 
 def _missing_message(name, data_dir, reason):
+    if name in IDX_DATASETS:
+        raw = os.path.join(data_dir, IDX_DATASETS[name], "raw")
+        debian = (" (on Debian/Ubuntu: apt-get install dataset-fashion-mnist, then "
+                  f"cp /usr/share/datasets/fashion-mnist/* {raw}/)" if name == "fashionmnist" else "")
+        return (f"{name} is not in {data_dir!r} ({reason}). Put the four idx files {', '.join(IDX_FILES)} "
+                f"(or the same names with .gz) into {raw}{debian}, and pass --data-dir {data_dir}")
     url, folder = DOWNLOADS[name]
     return (f"{name} is not in {data_dir!r} ({reason}). Fetch {url} where the network allows, "
             f"extract it so that {os.path.join(data_dir, folder)} exists, and pass --data-dir {data_dir}")
+
+
+def _unpack_idx(raw):
+    """Unpack each idx file that is in `raw` only as .gz. torchvision reads the unpacked files
+    and unpacks a .gz only when its checksum is the one it downloads (Debian's differ)."""
+    import gzip
+    import shutil
+    for name in IDX_FILES:
+        path = os.path.join(raw, name)
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+            tmp = f"{path}.tmp.{os.getpid()}"
+            try:
+                with gzip.open(path + ".gz", "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise DataError(f"cannot unpack {path}.gz ({type(e).__name__}: {str(e)[:120]}); "
+                                "replace it with a good copy") from None
+            os.replace(tmp, path)
+
+
+class GrayAsRGB(Dataset):
+    """A torchvision MNIST-style dataset whose 'L' images are given as RGB (three equal
+    channels), like every other dataset here; labels, classes and targets pass through."""
+
+    def __init__(self, dataset):
+        self.dataset, self.classes, self.targets = dataset, dataset.classes, dataset.targets
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return img.convert("RGB"), label
 
 
 def _image_folder(data_dir, sub):

@@ -108,7 +108,8 @@ ARCHS = {  # block type and blocks per stage
 class ResNet(nn.Module):
     """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
 
-    def __init__(self, block, layers, width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False):
+    def __init__(self, block, layers, width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False,
+                 zero_init_residual=True):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing  # a run-time choice, not saved in config
         planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
@@ -137,7 +138,7 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():  # each residual block starts as the identity (official)
+        for m in self.modules() if zero_init_residual else ():  # each residual block starts as the identity (official)
             if isinstance(m, Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
             elif isinstance(m, BasicBlock):
@@ -186,7 +187,8 @@ def frozen_running_stats(module):
                 setattr(m, n, b)
 
 
-def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False):
+def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False,
+                  zero_init_residual=True):
     """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
 
     tf_same_pool=True pads the stem max-pool as TensorFlow's 'SAME' (see
@@ -198,6 +200,9 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
     statistics; less memory, about one extra forward pass of time). It can be switched
     later through `encoder.activation_checkpointing` and is not part of `config`.
 
+    zero_init_residual (default True, official): the last BN gamma of every residual block
+    starts at 0; False starts it at 1, as torchvision's and lightly's ResNets do.
+
     The returned module has `feature_dim` and `config` (the arguments that fix the
     weights, used by save_encoder so a checkpoint can rebuild it).
     """
@@ -207,7 +212,7 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
         raise ValueError(f"width must be positive, got {width}")
     block, layers = ARCHS[arch]
     encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem, tf_same_pool=tf_same_pool,
-                     activation_checkpointing=activation_checkpointing)
+                     activation_checkpointing=activation_checkpointing, zero_init_residual=zero_init_residual)
     encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
     if tf_same_pool:  # only then, so configs of the default model stay as before
         encoder.config["tf_same_pool"] = True

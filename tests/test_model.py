@@ -52,6 +52,8 @@ def test_last_bn_gamma_of_each_block_starts_at_zero():
     assert all(torch.all(b.bn1.weight == 1) for b in blocks)
     enc18 = build_encoder("resnet18")
     assert all(torch.count_nonzero(b.bn2.weight) == 0 for b in enc18.layer1)
+    plain = build_encoder("resnet18", zero_init_residual=False)  # torchvision's and lightly's start
+    assert all(torch.all(b.bn2.weight == 1) for layer in (plain.layer1, plain.layer4) for b in layer)
 
 
 def test_unknown_arch_is_a_clear_error():

@@ -34,7 +34,8 @@ def test_cifar_recipe_defaults_and_printed_settings(run):
     settings = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert settings["cifar_stem"] is True and settings["strength"] == 0.5
     assert settings["blur"] is False and settings["temperature"] == 0.5
-    assert "peak lr 0.01875 = 0.3 x batch/256" in result.stdout
+    assert settings["lr"] == 1.0 and settings["weight_decay"] == 1e-4  # the official README's CIFAR recipe
+    assert "peak lr 0.0625 = 1.0 x batch/256" in result.stdout
     assert "crop_sampler='inception'" in result.stdout  # the flag reaches the views
     assert "warning" not in result.stderr  # warmup (1 epoch) = the run: no warning
 
@@ -52,6 +53,12 @@ def test_crop_sampler_flag_and_warmup_longer_than_the_run(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         pretrain.get_args(["--crop-sampler", "torchvision"])
     assert "invalid choice: 'torchvision'" in capsys.readouterr().err
+
+
+def test_sgd_optimizer_decays_and_steps_every_parameter_alike(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", "--optimizer", "sgd", "--weight-decay", "5e-4")
+    groups = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(g["trust_ratio"] is False and g["exclude_1d"] is False and g["weight_decay"] == 5e-4 for g in groups)
 
 
 def test_resume_continues_exactly(run, tmp_path):
@@ -120,7 +127,7 @@ def test_bad_input_is_one_clear_line(run, flags, text):
 
 
 def test_unknown_dataset_and_arch_are_rejected(run):
-    for flag, value in (("--dataset", "mnist"), ("--arch", "vgg16")):
+    for flag, value in (("--dataset", "svhn"), ("--arch", "vgg16")):
         result = run("pretrain.py", *TINY, flag, value, check=False)
         assert result.returncode == 2 and "invalid choice" in result.stderr and "Traceback" not in result.stderr
 
