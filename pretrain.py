@@ -187,6 +187,11 @@ def to_device_views(x1, x2, args, device, generator, seed):
     return x
 
 
+# The epoch's running sums, on the device and in ckpt.pt's epoch_sums (a mid-epoch stop resumes them).
+EPOCH_SUMS = ("loss", "contrast accuracy", "unreadable images", "steps skipped by fp16 loss scaling")
+NO_SUMS = (0.0,) * len(EPOCH_SUMS)
+
+
 def check_compile(args, ctx):
     """--compile is refused where it cannot work: several CUDA processes, i.e. DDP with SyncBatchNorm.
     SyncBatchNorm's autograd function (torch/nn/modules/_functions.py) all-gathers the statistics
@@ -231,6 +236,8 @@ def train_step(model, optimizer, x, temperature, amp, ctx, nonfinite, step, scal
     overflow = torch.zeros_like(loss)
     if scaler is not None:
         scaler.unscale_(optimizer)  # the gradients divided by the scale, in place
+        # unscale_ has found the overflow too, but keeps it only in the scaler's private per-optimizer
+        # state; one max-norm pass over the gradients reads it from them instead
         finite = gradients_finite(optimizer)  # the same on every rank: DDP averaged the gradients
         update, overflow = update & finite, (~finite).to(loss.dtype)
     optimizer.step(update=update)
@@ -309,7 +316,7 @@ def main():
                      trust_ratio=args.optimizer == "lars", exclude_1d=args.optimizer == "lars")
     scaler = grad_scaler(args.amp, device)  # fp16 only
     start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master)
-                                           if args.resume else (0, 0, [0.0] * 4))
+                                           if args.resume else (0, 0, NO_SUMS))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -332,7 +339,7 @@ def main():
         first = start_step if epoch == start_epoch else 0  # a resumed epoch starts where it stopped
         loader.sampler.set_epoch(epoch, skip=first * per_rank)
         model.train()
-        sums = torch.tensor(start_sums if first else [0.0] * 4, device=device)  # loss, accuracy, unreadable, overflows
+        sums = torch.tensor(start_sums if first else NO_SUMS, device=device)  # see EPOCH_SUMS
         unreadable = 0  # this process's, since the last log line
         if ctx.cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -457,7 +464,7 @@ def resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master):
     if scaler is not None and not ckpt.get("scaler") and master:
         print(f"note: {ckpt_path} holds no fp16 loss-scaler state; the scaler starts afresh", flush=True)
     sums = list(ckpt.get("epoch_sums", [])) if start_step else []
-    return start_epoch, start_step, sums + [0.0] * (4 - len(sums))  # checkpoints before fp16 kept three
+    return start_epoch, start_step, sums + list(NO_SUMS[len(sums):])  # checkpoints before fp16 kept three
 
 
 def print_start(args, ctx, encoder, amp_text, views_text, peak_lr, per_rank, steps, start, path):
@@ -567,7 +574,7 @@ def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
             print(f"epoch {epoch + 1} kNN top-1 {record['knn_top1']:.2f}% (k={args.knn_k}, "
                   f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
     if ctx.master:
-        save(job, epoch + 1, 0, [0.0] * 4)
+        save(job, epoch + 1, 0, list(NO_SUMS))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
