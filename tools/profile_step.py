@@ -126,6 +126,9 @@ def main():
     args = get_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda and device.index is not None:
+        # --device cuda:1: pinned buffers, the caching allocator and index-less calls follow the current device
+        torch.cuda.set_device(device)
 
     def sync():
         if cuda:
