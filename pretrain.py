@@ -53,8 +53,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="imagefolder", choices=data.DATASETS,
-                   help="imagefolder: DIR/train/CLASS/* (labels ignored); stl10: train+unlabeled; "
-                        "synthetic: generated images, no download")
+                   help="imagefolder: DIR/train/CLASS/* (labels ignored); folder: every image under DIR, any "
+                        "layout, no labels; stl10: train+unlabeled; synthetic: generated images, no download")
     d.add_argument("--data-dir", default="data", help="dataset root; CIFAR/STL-10/MNIST/Fashion-MNIST are downloaded here if missing")
     d.add_argument("--image-size", type=int, default=None,
                    help="crop size; default: 224 imagefolder, 96 stl10, 28 mnist/fashionmnist, 32 cifar/synthetic")
@@ -130,7 +130,10 @@ def get_args(argv=None):
                         "once per BN layer)")
     r.add_argument("--knn-every", type=int, default=None,
                    help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
-                        "default: 10, 0 (off) for imagefolder")
+                        "default: 10, 0 (off) for imagefolder, and for folder without --knn-data")
+    r.add_argument("--knn-data", default=None,
+                   help="a labelled folder DIR/train/CLASS/*, DIR/val/CLASS/* for the kNN monitor instead of the "
+                        "pretraining dataset's labels (for --dataset folder, which has none)")
     r.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
     r.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
     args = p.parse_args(argv)
@@ -152,7 +155,10 @@ def get_args(argv=None):
     if args.weight_decay is None:
         args.weight_decay = 1e-4 if cifar else 1e-6
     if args.knn_every is None:
-        args.knn_every = 0 if args.dataset == "imagefolder" else 10
+        args.knn_every = 10 if args.knn_data else 0 if args.dataset in ("imagefolder", "folder") else 10
+    if args.knn_every and args.dataset == "folder" and not args.knn_data:
+        p.error("--dataset folder has no labels for the kNN monitor: add --knn-data DIR (a labelled folder, "
+                "DIR/train/CLASS/*, DIR/val/CLASS/*) or drop --knn-every")
     if args.workers is None:
         args.workers = data.default_workers()
     for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every") + (
@@ -409,7 +415,8 @@ def prepare_out(args, master):
 def build_data(args, ctx, per_rank):
     """The pretraining loader and, with --knn-every, the kNN monitor's -> (loader, views, knn)."""
     def build(split):
-        dataset = data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+        dataset = (data.build_dataset("imagefolder", args.knn_data, split) if args.knn_data and split != "pretrain"
+                   else data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size))
         return data.first_images(dataset, args.max_images)
 
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
