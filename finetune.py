@@ -45,6 +45,7 @@ from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
+from board import Board, results_folder
 from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, grad_scaler, rank0_first, resolve_amp, run, setup
 from features import Progress, extract_features, topk_accuracy
 from lars import warmup_cosine
@@ -83,6 +84,9 @@ def get_args(argv=None):
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of the labelled subset and of the test set (a quick check)")
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the loss and accuracy to tensorboard/NAME beside the results NAME.json "
+                        "(needs pip install tensorboard)")
     p.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     args = p.parse_args(argv)
@@ -156,6 +160,7 @@ def main():
     device, master = ctx.device, ctx.master
     args.amp, amp_text = resolve_amp(args.amp, device)
     args.channels_last = args.channels_last and ctx.cuda
+    board = Board(results_folder(args.out), args.tensorboard, master)  # rank 0 writes
     if master:
         print(amp_text, flush=True)
 
@@ -255,6 +260,8 @@ def main():
         if master:
             print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
                   f"({time.time() - t_epoch:.1f}s)", flush=True)
+        board.add((epoch + 1) * steps_per_epoch, **{"finetune/train_loss": train_loss, "finetune/train_acc": train_acc,
+                                                     "finetune/lr": lr})
 
     phases = {"train": round(time.time() - t_train, 1)}  # seconds each phase took
     t_test = time.time()
@@ -283,6 +290,8 @@ def main():
         os.replace(tmp, args.out)
         print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
               + f"; wrote {args.out}")
+        board.add(total_steps, **{"finetune/top1": accs[0], "finetune/top5": accs[1] if len(accs) > 1 else None})
+        board.close()
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 

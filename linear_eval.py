@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
+from board import Board, results_folder
 from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, rank0_first, resolve_amp, run, setup
 from features import Progress, extract_features, feature_batches, knn_accuracy, topk_accuracy
 from lars import warmup_cosine
@@ -92,6 +93,9 @@ def get_args(argv=None):
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of each split (a quick check of the whole run)")
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the loss and accuracy to tensorboard/NAME beside the results NAME.json "
+                        "(needs pip install tensorboard)")
     p.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     return p.parse_args(argv)
@@ -196,6 +200,7 @@ def main():
     device, master = ctx.device, ctx.master
     args.amp, amp_text = resolve_amp(args.amp, device, train=False)  # the encoder only runs forward here
     args.channels_last = args.channels_last and ctx.cuda
+    board = Board(results_folder(args.out), args.tensorboard, master)  # rank 0 writes
     if master:
         print(amp_text, flush=True)
     if args.checkpoint_classifier:
@@ -323,6 +328,8 @@ def main():
         if master:
             print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
                   f"({time.time() - t_epoch:.1f}s)", flush=True)
+        board.add((epoch + 1) * steps_per_epoch, **{"linear/train_loss": train_loss, "linear/train_acc": train_acc,
+                                                     "linear/lr": lr})
 
     phases["train"] = round(time.time() - t_train, 1)
     with torch.no_grad():  # the test set, once, after the last epoch
@@ -345,6 +352,9 @@ def main():
         write_json(results, args.out)
         print((f"kNN top-1 {knn_top1:.2f}%; " if knn_top1 is not None else "") + f"linear top-1 {accs[0]:.2f}%"
               + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "") + f"; wrote {args.out}")
+        board.add(total_steps, **{"linear/top1": accs[0], "linear/top5": accs[1] if len(accs) > 1 else None,
+                                  "knn/top1": knn_top1})
+        board.close()
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
+from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
                          rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup)
 from features import extract_features, knn_accuracy
@@ -136,6 +137,8 @@ def get_args(argv=None):
                         "pretraining dataset's labels (for --dataset folder, which has none)")
     r.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
     r.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged scalars to OUT/tensorboard (needs pip install tensorboard)")
     args = p.parse_args(argv)
 
     # The CIFAR recipe (paper Appendix B.9, official README) for CIFAR and small images, unless set.
@@ -304,6 +307,7 @@ def main():
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
     ckpt_path = prepare_out(args, master)
+    board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, master)  # rank 0 writes
     loader, views, knn = build_data(args, ctx, per_rank)
     view_bytes = 3 * args.image_size ** 2 * (1 if args.distort_on == "device" else 4)  # uint8 crops or float views
     data.check_shared_memory(args.workers, 2 * per_rank * view_bytes)  # each rank: its node's /dev/shm
@@ -336,7 +340,7 @@ def main():
         print_start(args, ctx, encoder, amp_text, views_text=str(views), peak_lr=peak_lr, per_rank=per_rank,
                     steps=(steps_per_epoch, total_steps, warmup_steps), start=(start_epoch, start_step), path=ckpt_path)
     job = SimpleNamespace(args=args, ctx=ctx, model=model, encoder=encoder, optimizer=optimizer, scaler=scaler,
-                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch)  # what the helpers below share
+                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch, board=board)  # what the helpers below share
     generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
     stop = StopRequest()
     nonfinite = torch.tensor([-1.0, 0.0], device=device)  # [step, loss] of the first non-finite loss
@@ -380,10 +384,13 @@ def main():
                     now = time.time()
                     done = min(i + 1 - first, (i % args.log_every) + 1)
                     eta = (now - t_start) / steps_done * (total_steps - step - 1)
+                    rate = done * args.batch_size / max(now - t_log, 1e-9)
                     print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
-                          f"acc {stats[1]:.3f} lr {lr:.4g} img/s {done * args.batch_size / max(now - t_log, 1e-9):.0f}"
+                          f"acc {stats[1]:.3f} lr {lr:.4g} img/s {rate:.0f}"
                           f"{memory_text(ctx)}{scale_text(scaler)} eta {datetime.timedelta(seconds=int(eta))}",
                           flush=True)
+                    board.add(step + 1, **{"train/loss": stats[0], "train/contrast_acc": stats[1], "train/lr": lr,
+                                           "train/images_per_s": rate, "train/peak_gpu_memory_gib": peak_memory(ctx)})
                     t_log = now
                 if stopping and i + 1 < steps_per_epoch:  # at an epoch's end, the epoch checkpoint below serves
                     stop_and_exit(job, stop, epoch, i + 1, sums)
@@ -493,8 +500,13 @@ def print_start(args, ctx, encoder, amp_text, views_text, peak_lr, per_rank, ste
         print(f"nothing to do: the checkpoint has finished {start[0]} of {args.epochs} epochs", flush=True)
 
 
+def peak_memory(ctx):
+    """Rank 0's peak GPU memory in GiB since the epoch began (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.cuda else None
+
+
 def memory_text(ctx):
-    return f" mem {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f}GiB" if ctx.cuda else ""
+    return f" mem {peak_memory(ctx):.1f}GiB" if ctx.cuda else ""
 
 
 def scale_text(scaler):
@@ -584,6 +596,10 @@ def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
         save(job, epoch + 1, 0, list(NO_SUMS))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        job.board.add(record["step"], **{"epoch/loss": mean_loss, "epoch/contrast_acc": mean_acc,
+                                         "epoch/knn_top1": record.get("knn_top1"),
+                                         "epoch/images_per_s": record["images_per_s"],
+                                         "epoch/peak_gpu_memory_gib": record.get("peak_gpu_memory_gib")})
         print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
               f"{memory_text(ctx)}{f'; skipped {skipped} unreadable images' if skipped else ''}; "
               f"saved {job.ckpt_path}", flush=True)
