@@ -12,8 +12,10 @@ README, Results). The resolved settings are printed at start.
 
 Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
 run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
-by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl. With --knn-every K (default 10; off for imagefolder) the
-encoder's weighted kNN accuracy on the labelled split is logged every K epochs.
+by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl (with --tensorboard
+also OUT/tensorboard). With --knn-every K (default 10; off for imagefolder, and for folder unless
+--knn-data names a labelled folder) the encoder's weighted kNN accuracy on the labelled split is
+logged every K epochs.
 
 Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 another process died,
 5 out of memory, 128 + N stopped by signal N (saved; resume with --resume).
