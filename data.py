@@ -242,7 +242,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".t
 
 
 def list_images(root):
-    """Paths of every image file under root, recursively, sorted (by path, as bytes compare), so the
+    """Paths of every image file under root, recursively, sorted as strings, so the
     order, and with it the seeds and a resume, does not depend on the file system's listing order.
     Images are recognised by their extension, in any case (IMAGE_EXTENSIONS); names starting with
     '.' (hidden files and folders) are left out. Symbolic links are followed, but every real folder
