@@ -442,3 +442,48 @@ class EvalTransform:
 
     def __repr__(self):
         return f"EvalTransform(size={self.size}, train={self.train})"
+
+
+# ----------------------------------------------------------------------------
+# A picture of the views: python augment.py IMAGE [IMAGE...] --out views.png
+
+def main(argv=None):
+    """Write a grid: one row per image, the image (square centre crop) and then --pairs pairs of its
+    views, made with the pretraining flags that shape them."""
+    import argparse
+
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    p = argparse.ArgumentParser(description="A grid of SimCLR views: each image, then --pairs pairs of its views. "
+                                            "The defaults are the ImageNet recipe; pretrain.py's CIFAR recipe "
+                                            "(images <= 32 px) is --strength 0.5 --no-blur.")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", default="views.png", help="the grid to write (PNG, JPEG, ...)")
+    p.add_argument("--pairs", type=int, default=4, help="pairs of views per image")
+    p.add_argument("--image-size", type=int, default=224, help="view size in pixels")
+    p.add_argument("--strength", type=float, default=1.0, help="colour distortion strength s")
+    p.add_argument("--blur", action=argparse.BooleanOptionalAction, default=True, help="Gaussian blur with p=0.5")
+    p.add_argument("--crop-sampler", default="official", choices=CROP_SAMPLERS)
+    p.add_argument("--seed", type=int, default=0, help="seeds every view")
+    args = p.parse_args(argv)
+    if args.pairs < 1 or args.image_size < 1:
+        p.error("--pairs and --image-size must be at least 1")
+    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
+    generator = torch.Generator().manual_seed(args.seed)
+    tiles = []
+    for path in args.images:
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+        except OSError as e:
+            p.error(f"cannot read {path}: {e}")
+        tiles.append(_to_uint8_tensor(center_crop_resize(img, args.image_size, fraction=1.0)).float() / 255.0)
+        for _ in range(args.pairs):
+            tiles.extend(views(img, generator))
+    save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)
+    print(f"wrote {args.out}: {len(args.images)} rows of the image and {args.pairs} pairs of {views}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
 CIFAR-10/100, STL-10, MNIST and Fashion-MNIST come from torchvision (downloaded
 into --data-dir when the network allows; the two grayscale sets are given as RGB
 images of three equal channels), imagefolder is the ImageNet layout (DIR/train/CLASS/*,
-DIR/val/CLASS/*), and synthetic is a labelled set of generated images
+DIR/val/CLASS/*), folder is every image under a folder in any layout, without
+labels (pretraining only), and synthetic is a labelled set of generated images
 (textures and shapes, no download) for trying the pipeline offline.
 build_dataset returns (PIL image, label) pairs; SeededTransform applies a
 transform whose randomness is fixed by (seed, epoch, index), so the views do
@@ -24,12 +25,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "imagefolder", "folder", "synthetic")
 # The size the images come in (the default --image-size). MNIST and Fashion-MNIST are 28 px:
 # by default the views are 28 px too (CIFAR stem, no resampling of the test images);
 # --image-size 32 resizes them to CIFAR's size.
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "mnist": 28, "fashionmnist": 28,
-               "imagefolder": 224, "synthetic": 32}
+               "imagefolder": 224, "folder": 224, "synthetic": 32}
 
 DOWNLOADS = {
     "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-batches-py"),
@@ -147,6 +148,11 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
         return SyntheticImages(n, image_size, train=train)
     if name == "imagefolder":
         return _image_folder(data_dir, "val" if split == "test" else "train")
+    if name == "folder":
+        if split != "pretrain":
+            raise DataError("--dataset folder has no labels, so it cannot be evaluated on; evaluate on a labelled "
+                            "folder: --dataset imagefolder --data-dir DIR (DIR/train/CLASS/*, DIR/val/CLASS/*)")
+        return FolderImages(data_dir)
 
     from torchvision import datasets
     if name == "stl10":
@@ -229,6 +235,66 @@ def _image_folder(data_dir, sub):
         raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
 
 
+# ----------------------------------------------------------------------------
+# --dataset folder: every image under a folder, any layout, no labels.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def list_images(root):
+    """Paths of every image file under root, recursively, sorted as strings, so the
+    order, and with it the seeds and a resume, does not depend on the file system's listing order.
+    Images are recognised by their extension, in any case (IMAGE_EXTENSIONS); names starting with
+    '.' (hidden files and folders) are left out. Symbolic links are followed, but every real folder
+    is listed once: a link back up the tree (a loop) or a second link to the same folder adds nothing."""
+    found, seen = [], set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError:  # a dangling link, or a folder this user may not read
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows links
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    found.append(entry.path)
+            except OSError:
+                continue
+    return sorted(found)
+
+
+class FolderImages(Dataset):
+    """Every image under `root` in any layout, unlabeled: dataset[i] = (PIL RGB image, -1).
+    `samples` holds (path, -1) pairs in list_images' sorted order."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise DataError(f"{root} is not a directory; --dataset folder reads every image under --data-dir")
+        paths = list_images(root)
+        if not paths:
+            raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files in any case, "
+                            "in every folder below it, hidden ones left out); is --data-dir the right folder?")
+        self.root, self.samples = root, [(p, -1) for p in paths]
+        self.classes = []
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        with open(self.samples[i][0], "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB"), -1
+
+
 def num_classes(dataset):
     return len(dataset.classes)
 
@@ -304,7 +370,8 @@ def subset_from_file(dataset, path):
 def defaults_from_checkpoint(settings, dataset=None, data_dir=None, image_size=None, synthetic_size=None):
     """Evaluation data settings: given values, else the pretraining ones a checkpoint
     records, else the dataset's. Returns (dataset, data_dir, image_size, synthetic_size)."""
-    same = dataset in (None, settings.get("dataset"))
+    # the pretraining image size also for a labelled folder after pretraining on an unlabeled one
+    same = dataset in (None, settings.get("dataset")) or (dataset, settings.get("dataset")) == ("imagefolder", "folder")
     dataset = dataset or settings.get("dataset")
     if dataset is None:
         raise DataError("the checkpoint records no pretraining dataset; pass --dataset")

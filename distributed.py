@@ -1,11 +1,14 @@
 """Process set-up shared by the scripts: torchrun (NCCL on CUDA, gloo on CPU)
 or one plain process on GPU or CPU, the GPU a process uses, the mixed precision
 that fits it (--amp), the one-line error exit, a teardown that always ends the
-process, stop signals, and the global random generators' state."""
+process, stop signals, the global random generators' state, and the epoch accounting and results
+file of the evaluation scripts."""
 import datetime
 import faulthandler
 import gc
 import inspect
+import json
+import math
 import os
 import random
 import signal
@@ -328,6 +331,50 @@ def all_sum(x, ctx):
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+class EpochSums:
+    """The accounting of one classifier epoch in linear_eval.py and finetune.py: the loss sum, the
+    correct predictions and the image count, kept on the device so that no step waits for the host,
+    summed over the processes once at the epoch's end (unless each process saw every image), checked
+    for a non-finite loss, printed, and sent to TensorBoard.
+
+        sums = EpochSums(device)
+        for x, y in batches: ...; sums.add(loss, logits, y)
+        train_loss, train_acc = sums.end(ctx, epoch, args.epochs, lr, t_epoch, board, "linear")
+    """
+
+    def __init__(self, device):
+        self.sums = torch.zeros(3, device=device)  # loss sum, correct, count
+        self.start = time.time()
+
+    def add(self, loss, logits, y):
+        # the count made on the device: torch.tensor(n, device=...) is a copy the host waits for
+        self.sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
+                                  torch.full((), float(len(y)), device=self.sums.device)])
+
+    def end(self, ctx, epoch, epochs, lr, board, tag, step, reduce=True):
+        """-> (mean loss, accuracy in %) of the epoch over all processes; reduce=False when every
+        process saw the same images (linear_eval.py --cached-features)."""
+        sums = all_sum(self.sums, ctx) if reduce else self.sums
+        loss, acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
+        if not math.isfinite(loss):
+            fail(f"{tag} loss is {loss} in epoch {epoch + 1}; lower --lr", code=3)
+        if ctx.master:
+            print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} train acc {acc:.2f}% lr {lr:.4g} "
+                  f"({time.time() - self.start:.1f}s)", flush=True)
+        board.add(step, **{f"{tag}/train_loss": loss, f"{tag}/train_acc": acc, f"{tag}/lr": lr})
+        return loss, acc
+
+
+def write_results(results, path, ctx):
+    """Rank 0 writes an evaluation's results as JSON, atomically (a temporary file, then a rename)."""
+    if not ctx.master:
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
 
 
 class StopRequest:

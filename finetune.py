@@ -33,9 +33,9 @@ phase took), and ends with the line `top-1 accuracy: XX.XX%`.
 import argparse
 import inspect
 import json
-import math
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,9 @@ from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
-from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, grad_scaler, rank0_first, resolve_amp, run, setup
+from board import Board, results_folder
+from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, grad_scaler, rank0_first, resolve_amp, run,
+                         setup, write_results)
 from features import Progress, extract_features, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
@@ -83,6 +85,9 @@ def get_args(argv=None):
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of the labelled subset and of the test set (a quick check)")
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the loss and accuracy to tensorboard/NAME beside the results NAME.json "
+                        "(needs pip install tensorboard)")
     p.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     args = p.parse_args(argv)
@@ -140,6 +145,51 @@ def main():
     encoder, ckpt = load_encoder(args.checkpoint)
     proj = kept_head(args, ckpt)
     settings = pretrain_settings(ckpt)
+    resolve(args, settings)
+    ctx = setup(args.batch_size, args.dist_timeout)
+    args.amp, amp_text = resolve_amp(args.amp, ctx.device)
+    args.channels_last = args.channels_last and ctx.cuda
+    board = Board(results_folder(args.out), args.tensorboard, ctx.master)  # rank 0 writes
+    if ctx.master:
+        print(amp_text, flush=True)
+    job = build_data(args, ctx)
+    torch.manual_seed(args.seed)
+    if args.random_init:
+        encoder = build_encoder(**encoder.config)
+    net, model, optimizer, scaler = build_model(job, encoder, proj)
+    train_loader, test_loader = make_loaders(job)
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    print_start(job, encoder, settings, steps_per_epoch)
+
+    t_train = time.time()
+    for epoch in range(args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        model.train()  # BN in train mode: the whole network is fine-tuned
+        sums = EpochSums(ctx.device)
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch * args.batch_size,
+                            args.progress_every, ctx.master)
+        for i, (x, y, _) in enumerate(train_loader):
+            lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, job.peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, logits, y = train_step(job, model, optimizer, scaler, x, y)
+            sums.add(loss, logits, y)
+            progress.update(len(y) * ctx.world)
+        train_loss, train_acc = sums.end(ctx, epoch, args.epochs, lr, board, "finetune", (epoch + 1) * steps_per_epoch)
+    job.phases["train"] = round(time.time() - t_train, 1)
+
+    t_test = time.time()
+    net.eval()  # the test set, once, after the last epoch
+    scores, test_y = extract_features(net, test_loader, ctx.device, AMP_DTYPES[args.amp], args.channels_last,
+                                      what="test", progress_every=args.progress_every)
+    job.phases["test"] = round(time.time() - t_test, 1)
+    accs = topk_accuracy(scores.float(), test_y, (1, 5) if job.classes >= 5 else (1,))
+    report(job, board, total_steps, encoder, settings, accs, train_loss, train_acc, len(test_y))
+
+
+def resolve(args, settings):
+    """Fill the defaults that depend on the checkpoint and the dataset."""
     args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     args.epochs = args.epochs or (60 if args.label_fraction <= 0.01 else 30)
@@ -152,40 +202,38 @@ def main():
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
         args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
 
-    ctx = setup(args.batch_size, args.dist_timeout)
-    device, master = ctx.device, ctx.master
-    args.amp, amp_text = resolve_amp(args.amp, device)
-    args.channels_last = args.channels_last and ctx.cuda
-    if master:
-        print(amp_text, flush=True)
 
-    def build(split):
-        return data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
-
+def build_data(args, ctx):
+    """The labelled subset, the test set and the batch that fits the subset -> the job the functions
+    below share."""
     def build_all():
-        train, test = build("train"), build("test")
+        train = data.build_dataset(args.dataset, args.data_dir, "train", args.image_size, args.synthetic_size)
+        test = data.build_dataset(args.dataset, args.data_dir, "test", args.image_size, args.synthetic_size)
         chosen = (data.subset_from_file(train, args.subset_file) if args.subset_file
                   else data.balanced_subset(data.labels_of(train), args.label_fraction, args.seed))
         return train, data.first_images(test, args.max_images), chosen[:args.max_images]  # --max-images: first N
 
     train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
-    classes = data.num_classes(train_raw)
     args.batch_size, note = data.fit_batch(len(chosen), args.batch_size, ctx.world, "the labelled subset",
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
     data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2 * 4)  # float32 images per batch
-    if note and master:
+    if note and ctx.master:
         print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
-    subset_classes = len(set(data.labels_of(train_raw)[chosen].tolist()))
+    return SimpleNamespace(args=args, ctx=ctx, train_raw=train_raw, test_raw=test_raw, chosen=chosen,
+                           classes=data.num_classes(train_raw), per_rank=per_rank, peak_lr=peak_lr,
+                           phases={})  # seconds each phase took, for the results JSON
 
-    torch.manual_seed(args.seed)
-    if args.random_init:
-        encoder = build_encoder(**encoder.config)
+
+def build_model(job, encoder, proj):
+    """The encoder (and kept head layers) with a zero-initialised linear head, wrapped for DDP, its
+    SGD and fp16's loss scaler -> (net, model to train, optimizer, scaler or None)."""
+    args, ctx = job.args, job.ctx
     trunk, dim = head_layers(args, encoder, proj)
-    head = nn.Linear(dim, classes)
+    head = nn.Linear(dim, job.classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    net = nn.Sequential(trunk, head).to(device)
+    net = nn.Sequential(trunk, head).to(ctx.device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
     model = net
@@ -193,94 +241,78 @@ def main():
         if ctx.cuda:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
-    scaler = grad_scaler(args.amp, device)  # fp16 only
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
-                                weight_decay=args.weight_decay, **sgd_for_scaler(scaler, device))
+    scaler = grad_scaler(args.amp, ctx.device)  # fp16 only
+    optimizer = torch.optim.SGD(model.parameters(), lr=job.peak_lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay, **sgd_for_scaler(scaler, ctx.device))
+    return net, model, optimizer, scaler
 
-    train_set = data.SeededTransform(Subset(train_raw, chosen.tolist()), EvalTransform(args.image_size, train=True),
+
+def make_loaders(job):
+    """The labelled subset with crop + flip (shuffled, by --seed) and the test set (every image counts)."""
+    args, ctx = job.args, job.ctx
+    train_set = data.SeededTransform(Subset(job.train_raw, job.chosen.tolist()), EvalTransform(args.image_size, train=True),
                                      seed=args.seed, strict=args.strict_data)
-    train_loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers, rank=ctx.rank,
-                                    world=ctx.world, seed=args.seed, pin_memory=ctx.cuda)
-    test_loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False),
-                                                        strict=True),  # every test image must count
-                                   per_rank, train=False, workers=args.workers, rank=ctx.rank, world=ctx.world,
-                                   pin_memory=ctx.cuda)
-    steps_per_epoch = len(train_loader)
-    total_steps = args.epochs * steps_per_epoch
-    if master:
-        print(json.dumps(vars(args), sort_keys=True), flush=True)
-        origin = ("random weights" if args.random_init
-                  else f"pretrained {settings.get('epoch', '?')} epochs on {settings.get('dataset', '?')}")
-        kept = f" + projection-head layers 1..{args.from_head_layer}" if args.from_head_layer else ""
-        print(f"encoder {encoder.config} ({origin}){kept}; "
-              f"{len(chosen)} of {len(train_raw)} labelled images ({subset_classes} of {classes} classes), "
-              f"{len(test_raw)} test; peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256, "
-              f"{steps_per_epoch} steps/epoch, processes {ctx.world}, device {device}", flush=True)
+    test_set = data.SeededTransform(job.test_raw, EvalTransform(args.image_size, train=False), strict=True)
+    return (data.make_loader(train_set, job.per_rank, train=True, workers=args.workers, rank=ctx.rank,
+                             world=ctx.world, seed=args.seed, pin_memory=ctx.cuda),
+            data.make_loader(test_set, job.per_rank, train=False, workers=args.workers, rank=ctx.rank,
+                             world=ctx.world, pin_memory=ctx.cuda))
 
-    t_train = time.time()
-    for epoch in range(args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        model.train()  # BN in train mode: the whole network is fine-tuned
-        sums = torch.zeros(3, device=device)
-        t_epoch = time.time()
-        progress = Progress(f"epoch {epoch + 1}/{args.epochs}", steps_per_epoch * args.batch_size,
-                            args.progress_every, master)
-        for i, (x, y, _) in enumerate(train_loader):
-            step = epoch * steps_per_epoch + i
-            lr = warmup_cosine(step, total_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                optimizer.step()
-            else:  # fp16: skips a step whose scaled gradients overflowed, and lowers the scale
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            # the count made on the device: torch.tensor(n, device=...) is a copy the host waits for
-            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                                 torch.full((), float(len(y)), device=device)])
-            progress.update(len(y) * ctx.world)
-        sums = all_sum(sums, ctx)
-        train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
-        if not math.isfinite(train_loss):
-            fail(f"loss is {train_loss} in epoch {epoch + 1}; lower --lr", code=3)
-        if master:
-            print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
-                  f"({time.time() - t_epoch:.1f}s)", flush=True)
 
-    phases = {"train": round(time.time() - t_train, 1)}  # seconds each phase took
-    t_test = time.time()
-    net.eval()  # the test set, once, after the last epoch
-    scores, test_y = extract_features(net, test_loader, device, AMP_DTYPES[args.amp], args.channels_last, what="test",
-                                      progress_every=args.progress_every)
-    phases["test"] = round(time.time() - t_test, 1)
-    ks = (1, 5) if classes >= 5 else (1,)
-    accs = topk_accuracy(scores.float(), test_y, ks)
+def print_start(job, encoder, settings, steps_per_epoch):
+    args, ctx = job.args, job.ctx
+    if not ctx.master:
+        return
+    subset_classes = len(set(data.labels_of(job.train_raw)[job.chosen].tolist()))
+    print(json.dumps(vars(args), sort_keys=True), flush=True)
+    origin = ("random weights" if args.random_init
+              else f"pretrained {settings.get('epoch', '?')} epochs on {settings.get('dataset', '?')}")
+    kept = f" + projection-head layers 1..{args.from_head_layer}" if args.from_head_layer else ""
+    print(f"encoder {encoder.config} ({origin}){kept}; "
+          f"{len(job.chosen)} of {len(job.train_raw)} labelled images ({subset_classes} of {job.classes} classes), "
+          f"{len(job.test_raw)} test; peak lr {job.peak_lr:.4g} = {args.lr} x {args.batch_size}/256, "
+          f"{steps_per_epoch} steps/epoch, processes {ctx.world}, device {ctx.device}", flush=True)
+
+
+def train_step(job, model, optimizer, scaler, x, y):
+    """One SGD step on a batch -> (loss, logits, labels on the device)."""
+    args, device = job.args, job.ctx.device
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:  # fp16: skips a step whose scaled gradients overflowed, and lowers the scale
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss, logits, y
+
+
+def report(job, board, steps, encoder, settings, accs, train_loss, train_acc, test_images):
+    """The results JSON, the TensorBoard results, and the last lines."""
+    args, ctx, phases = job.args, job.ctx, job.phases
     results = {
         "checkpoint": os.path.abspath(args.checkpoint), "protocol": "finetune", "random_init": args.random_init,
         "from_head_layer": args.from_head_layer,
         "label_fraction": None if args.subset_file else args.label_fraction, "subset_file": args.subset_file,
-        "train_images": len(chosen), "test_images": len(test_y), "classes": classes, "dataset": args.dataset,
+        "train_images": len(job.chosen), "test_images": test_images, "classes": job.classes, "dataset": args.dataset,
         "image_size": args.image_size, "encoder_config": encoder.config, "pretrain_epochs": settings.get("epoch"),
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": peak_lr,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": job.peak_lr,
         "weight_decay": args.weight_decay, "seed": args.seed, "amp": args.amp, "final_train_loss": train_loss,
         "final_train_acc": train_acc, "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images,
     }
-    if master:
-        tmp = f"{args.out}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, args.out)
+    write_results(results, args.out, ctx)
+    board.add(steps, **{"finetune/top1": accs[0], "finetune/top5": results["top5"]})
+    board.close()
+    if ctx.master:
         print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
               + f"; wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)

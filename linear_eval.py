@@ -40,6 +40,7 @@ import json
 import math
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -48,7 +49,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
-from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, rank0_first, resolve_amp, run, setup
+from board import Board, results_folder
+from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first, resolve_amp, run, setup,
+                         write_results)
 from features import Progress, extract_features, feature_batches, knn_accuracy, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
@@ -92,6 +95,9 @@ def get_args(argv=None):
     p.add_argument("--max-images", type=int, default=None,
                    help="use only the first N images of each split (a quick check of the whole run)")
     p.add_argument("--progress-every", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the loss and accuracy to tensorboard/NAME beside the results NAME.json "
+                        "(needs pip install tensorboard)")
     p.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     return p.parse_args(argv)
@@ -123,13 +129,6 @@ def resolve(args, settings):
         tags += f"_first{args.max_images}" if args.max_images else ""  # a dry run keeps the real results
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
     return args
-
-
-def write_json(results, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
 
 
 def stored_classifier(args, ckpt):
@@ -180,8 +179,8 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
         "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None, "processes": ctx.world,
         "max_images": args.max_images, "phase_seconds": {"test": round(time.time() - t, 3)},
     }
+    write_results(results, args.out, ctx)
     if ctx.master:
-        write_json(results, args.out)
         print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
               + f"; wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
@@ -193,24 +192,45 @@ def main():
     settings = pretrain_settings(ckpt)
     args = resolve(args, settings)
     ctx = setup(args.batch_size, args.dist_timeout)
-    device, master = ctx.device, ctx.master
-    args.amp, amp_text = resolve_amp(args.amp, device, train=False)  # the encoder only runs forward here
+    args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)  # the encoder only runs forward here
     args.channels_last = args.channels_last and ctx.cuda
-    if master:
+    board = Board(results_folder(args.out), args.tensorboard, ctx.master)  # rank 0 writes
+    if ctx.master:
         print(amp_text, flush=True)
     if args.checkpoint_classifier:
         return evaluate_checkpoint_classifier(args, encoder, ckpt, ctx)
     if args.random_init:
         torch.manual_seed(args.seed)
         encoder = build_encoder(**encoder.config)
-
     # The encoder is frozen and stays in eval mode: BN uses the running statistics
     # from pretraining; in train mode they would drift toward the evaluation data
     # and change the very features being evaluated.
-    encoder.to(device).eval().requires_grad_(False)
+    encoder.to(ctx.device).eval().requires_grad_(False)
     if args.channels_last:
         encoder.to(memory_format=torch.channels_last)
+    job = build_data(args, ctx, encoder, settings)
 
+    # Training-set features serve kNN and --cached-features only: the paper protocol trains
+    # on augmented images, so without --knn it skips this pass over the training set.
+    knn_top1 = train = None
+    if args.cached_features or args.knn:
+        # An unreadable training image is skipped (unless --strict-data); every test image must count.
+        train = extract(job, job.train_raw, "train features", strict=args.strict_data)
+    test_f, test_y = extract(job, job.test_raw, "test features")
+    if train is not None:
+        knn_top1 = knn(job, *train, test_f, test_y)
+    if not args.cached_features:
+        train = None  # the paper protocol trains on images: free the features first
+    classifier, (train_loss, train_acc), steps = train_classifier(job, board, cached=train)
+    with torch.no_grad():  # the test set, once, after the last epoch
+        scores = torch.cat([classifier(h.float()) for h, _ in feature_batches(test_f, test_y, args.batch_size, ctx.device)])
+    accs = topk_accuracy(scores, test_y.to(ctx.device), (1, 5) if job.classes >= 5 else (1,))
+    report(job, board, steps, accs, knn_top1, train_loss, train_acc, len(test_y))
+
+
+def build_data(args, ctx, encoder, settings):
+    """The labelled training and test sets, the batch that fits them, the start lines -> the job
+    the functions below share."""
     def build(split):  # --max-images: the first N images (class names kept)
         return data.first_images(data.build_dataset(args.dataset, args.data_dir, split, args.image_size,
                                                     args.synthetic_size), args.max_images)
@@ -221,90 +241,76 @@ def main():
     args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
     data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2 * 4)  # float32 images per batch
-    if note and master:
-        print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
-    plain = EvalTransform(args.image_size, train=False)
-
-    def feature_loader(raw, transform=plain, train=False, strict=True):
-        return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict), per_rank,
-                                train=train, workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
-                                pin_memory=ctx.cuda)
-
-    if master:
+    if ctx.master:
+        if note:
+            print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
         print(json.dumps(vars(args), sort_keys=True), flush=True)
         origin = ("random weights" if args.random_init
                   else f"pretrained {settings.get('epoch', '?')} epochs on {settings.get('dataset', '?')}")
-        print(f"encoder {encoder.config} ({encoder.feature_dim}-d, {origin}); {args.dataset}: {len(train_raw)} train / {len(test_raw)} test "
-              f"images, {classes} classes; peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256; "
-              f"processes {ctx.world}, device {device}", flush=True)
+        print(f"encoder {encoder.config} ({encoder.feature_dim}-d, {origin}); {args.dataset}: {len(train_raw)} train / "
+              f"{len(test_raw)} test images, {classes} classes; peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256; "
+              f"processes {ctx.world}, device {ctx.device}", flush=True)
+    return SimpleNamespace(args=args, ctx=ctx, encoder=encoder, settings=settings, train_raw=train_raw,
+                           test_raw=test_raw, classes=classes, per_rank=per_rank, peak_lr=peak_lr,
+                           phases={})  # seconds each phase took, for the results JSON
 
-    phases = {}  # seconds each phase took, for the results JSON
 
-    def extract(raw, what, strict=True):
-        t = time.time()
-        out = extract_features(encoder, feature_loader(raw, strict=strict), device, AMP_DTYPES[args.amp],
-                               args.channels_last, what=what, progress_every=args.progress_every)
-        phases[what.replace(" ", "_")] = round(time.time() - t, 1)
-        return out
+def feature_loader(job, raw, transform=None, train=False, strict=True):
+    """This rank's loader of `raw` through `transform` (default: the evaluation transform)."""
+    args, ctx = job.args, job.ctx
+    transform = transform or EvalTransform(args.image_size, train=False)
+    return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict), job.per_rank,
+                            train=train, workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
+                            pin_memory=ctx.cuda)
 
-    # Training-set features serve kNN and --cached-features only: the paper protocol trains
-    # on augmented images, so without --knn it skips this pass over the training set.
-    knn_top1 = None
-    if args.cached_features or args.knn:
-        # An unreadable training image is skipped (unless --strict-data); every test image must count.
-        train_f, train_y = extract(train_raw, "train features", strict=args.strict_data)
-    test_f, test_y = extract(test_raw, "test features")
-    if args.cached_features or args.knn:
-        t = time.time()
-        knn_top1 = knn_accuracy(train_f, train_y, test_f, test_y, classes, args.knn_k, args.knn_temperature, device)
-        phases["knn"] = round(time.time() - t, 1)
-        if master:
-            print(f"features in {phases['train_features'] + phases['test_features']:.1f}s; kNN (k={args.knn_k}, "
-                  f"t={args.knn_temperature}) top-1 {knn_top1:.2f}% ({phases['knn']:.1f}s)", flush=True)
-        if not args.cached_features:
-            del train_f, train_y  # the paper protocol trains on images: free them
 
-    classifier = nn.Linear(encoder.feature_dim, classes).to(device)
+def extract(job, raw, what, strict=True):
+    """The frozen encoder's features of every image of `raw` -> (features, labels); times the phase."""
+    t = time.time()
+    out = extract_features(job.encoder, feature_loader(job, raw, strict=strict), job.ctx.device,
+                           AMP_DTYPES[job.args.amp], job.args.channels_last, what=what,
+                           progress_every=job.args.progress_every)
+    job.phases[what.replace(" ", "_")] = round(time.time() - t, 1)
+    return out
+
+
+def knn(job, train_f, train_y, test_f, test_y):
+    """Weighted kNN top-1 (%) of the test features among the training features."""
+    args, t = job.args, time.time()
+    top1 = knn_accuracy(train_f, train_y, test_f, test_y, job.classes, args.knn_k, args.knn_temperature, job.ctx.device)
+    job.phases["knn"] = round(time.time() - t, 1)
+    if job.ctx.master:
+        print(f"features in {job.phases['train_features'] + job.phases['test_features']:.1f}s; kNN (k={args.knn_k}, "
+              f"t={args.knn_temperature}) top-1 {top1:.2f}% ({job.phases['knn']:.1f}s)", flush=True)
+    return top1
+
+
+def train_classifier(job, board, cached=None):
+    """A zero-initialised linear classifier on h, trained for --epochs: on the frozen encoder's features
+    of augmented training images (the paper protocol), or on `cached` (features, labels) computed once
+    -> (classifier, (loss, accuracy) of the last epoch, total steps)."""
+    args, ctx = job.args, job.ctx
+    classifier = nn.Linear(job.encoder.feature_dim, job.classes).to(ctx.device)
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
-    if args.cached_features:
+    if cached is not None:
         # Every process trains the same classifier on all cached features: no gradient exchange needed.
-        steps_per_epoch = math.ceil(len(train_y) / args.batch_size)
-        epoch_images = len(train_y)
-        model = classifier
+        steps_per_epoch, epoch_images, model = math.ceil(len(cached[1]) / args.batch_size), len(cached[1]), classifier
     else:
-        train_loader = feature_loader(train_raw, EvalTransform(args.image_size, train=True), train=True,
-                                      strict=args.strict_data)
-        steps_per_epoch = len(train_loader)
-        epoch_images = steps_per_epoch * args.batch_size
+        loader = feature_loader(job, job.train_raw, EvalTransform(args.image_size, train=True), train=True,
+                                strict=args.strict_data)
+        steps_per_epoch, epoch_images = len(loader), len(loader) * args.batch_size
         model = DDP(classifier, device_ids=[ctx.local_rank] if ctx.cuda else None) if ctx.ddp else classifier
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
+    optimizer = torch.optim.SGD(model.parameters(), lr=job.peak_lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)
     total_steps = args.epochs * steps_per_epoch
-
-    def batches(epoch):
-        """(features, labels) batches of one epoch."""
-        if args.cached_features:  # from wherever the features are (GPU or host), a batch at a time
-            order = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            yield from feature_batches(train_f, train_y, args.batch_size, device, order)
-        else:
-            train_loader.sampler.set_epoch(epoch)
-            for x, y, _ in train_loader:
-                x = x.to(device, non_blocking=True)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES[args.amp],
-                                                     enabled=args.amp != "off"):
-                    h = encoder(x)
-                yield h, y.to(device, non_blocking=True)
-
     t_train = time.time()
     for epoch in range(args.epochs):
-        t_epoch = time.time()
-        progress = Progress(f"epoch {epoch + 1}/{args.epochs}", epoch_images, args.progress_every, master)
-        sums = torch.zeros(3, device=device)  # loss sum, correct, count
-        for i, (h, y) in enumerate(batches(epoch)):
-            lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, peak_lr)
+        progress = Progress(f"epoch {epoch + 1}/{args.epochs}", epoch_images, args.progress_every, ctx.master)
+        sums = EpochSums(ctx.device)
+        batches = cached_batches(job, *cached, epoch) if cached is not None else encoded_batches(job, loader, epoch)
+        for i, (h, y) in enumerate(batches):
+            lr = warmup_cosine(epoch * steps_per_epoch + i, total_steps, job.peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             logits = model(h.float())
@@ -312,37 +318,52 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # the count made on the device: torch.tensor(n, device=...) is a copy the host waits for
-            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum().float(),
-                                 torch.full((), float(len(y)), device=device)])
-            progress.update(len(y) * (1 if args.cached_features else ctx.world))
-        sums = all_sum(sums, ctx) if not args.cached_features else sums
-        train_loss, train_acc = (sums[0] / sums[2]).item(), (100 * sums[1] / sums[2]).item()
-        if not math.isfinite(train_loss):
-            fail(f"classifier loss is {train_loss} in epoch {epoch + 1}; lower --lr", code=3)
-        if master:
-            print(f"epoch {epoch + 1}/{args.epochs} loss {train_loss:.4f} train acc {train_acc:.2f}% lr {lr:.4g} "
-                  f"({time.time() - t_epoch:.1f}s)", flush=True)
+            sums.add(loss, logits, y)
+            progress.update(len(y) * (1 if cached is not None else ctx.world))
+        last = sums.end(ctx, epoch, args.epochs, lr, board, "linear", (epoch + 1) * steps_per_epoch,
+                        reduce=cached is None)  # cached: every process saw every feature
+    job.phases["train"] = round(time.time() - t_train, 1)
+    return classifier, last, total_steps
 
-    phases["train"] = round(time.time() - t_train, 1)
-    with torch.no_grad():  # the test set, once, after the last epoch
-        scores = torch.cat([classifier(h.float()) for h, _ in feature_batches(test_f, test_y, args.batch_size, device)])
-    ks = (1, 5) if classes >= 5 else (1,)
-    accs = topk_accuracy(scores, test_y.to(device), ks)
+
+def cached_batches(job, train_f, train_y, epoch):
+    """(features, labels) batches of one epoch, shuffled, from wherever the features are (GPU or host)."""
+    order = torch.Generator().manual_seed(job.args.seed * 1000 + epoch)
+    return feature_batches(train_f, train_y, job.args.batch_size, job.ctx.device, order)
+
+
+def encoded_batches(job, loader, epoch):
+    """(h, labels) batches of one epoch of augmented training images through the frozen encoder."""
+    args, device = job.args, job.ctx.device
+    loader.sampler.set_epoch(epoch)
+    for x, y, _ in loader:
+        x = x.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
+            h = job.encoder(x)
+        yield h, y.to(device, non_blocking=True)
+
+
+def report(job, board, steps, accs, knn_top1, train_loss, train_acc, test_images):
+    """The results JSON, the TensorBoard results, and the last lines."""
+    args, ctx, phases = job.args, job.ctx, job.phases
     results = {
         "checkpoint": os.path.abspath(args.checkpoint), "protocol": "linear", "random_init": args.random_init,
         "cached_features": args.cached_features, "dataset": args.dataset, "image_size": args.image_size,
-        "train_images": len(train_raw), "test_images": len(test_y), "classes": classes,
-        "encoder_config": encoder.config, "pretrain_epochs": settings.get("epoch"),
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": peak_lr,
+        "train_images": len(job.train_raw), "test_images": test_images, "classes": job.classes,
+        "encoder_config": job.encoder.config, "pretrain_epochs": job.settings.get("epoch"),
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "peak_lr": job.peak_lr,
         "weight_decay": args.weight_decay, "final_train_loss": train_loss, "final_train_acc": train_acc,
         "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None,
         "knn_top1": knn_top1, "knn_k": args.knn_k, "knn_temperature": args.knn_temperature,
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images,
     }
-    if master:
-        write_json(results, args.out)
+    write_results(results, args.out, ctx)
+    board.add(steps, **{"linear/top1": accs[0], "linear/top5": results["top5"], "knn/top1": knn_top1})
+    board.close()
+    if ctx.master:
         print((f"kNN top-1 {knn_top1:.2f}%; " if knn_top1 is not None else "") + f"linear top-1 {accs[0]:.2f}%"
               + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "") + f"; wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)

@@ -12,8 +12,10 @@ README, Results). The resolved settings are printed at start.
 
 Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
 run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
-by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl. With --knn-every K (default 10; off for imagefolder) the
-encoder's weighted kNN accuracy on the labelled split is logged every K epochs.
+by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl (with --tensorboard
+also OUT/tensorboard). With --knn-every K (default 10; off for imagefolder, and for folder unless
+--knn-data names a labelled folder) the encoder's weighted kNN accuracy on the labelled split is
+logged every K epochs.
 
 Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 another process died,
 5 out of memory, 128 + N stopped by signal N (saved; resume with --resume).
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
+from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
                          rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup)
 from features import extract_features, knn_accuracy
@@ -53,8 +56,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="imagefolder", choices=data.DATASETS,
-                   help="imagefolder: DIR/train/CLASS/* (labels ignored); stl10: train+unlabeled; "
-                        "synthetic: generated images, no download")
+                   help="imagefolder: DIR/train/CLASS/* (labels ignored); folder: every image under DIR, any "
+                        "layout, no labels; stl10: train+unlabeled; synthetic: generated images, no download")
     d.add_argument("--data-dir", default="data", help="dataset root; CIFAR/STL-10/MNIST/Fashion-MNIST are downloaded here if missing")
     d.add_argument("--image-size", type=int, default=None,
                    help="crop size; default: 224 imagefolder, 96 stl10, 28 mnist/fashionmnist, 32 cifar/synthetic")
@@ -130,9 +133,14 @@ def get_args(argv=None):
                         "once per BN layer)")
     r.add_argument("--knn-every", type=int, default=None,
                    help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
-                        "default: 10, 0 (off) for imagefolder")
+                        "default: 10, 0 (off) for imagefolder, and for folder without --knn-data")
+    r.add_argument("--knn-data", default=None,
+                   help="a labelled folder DIR/train/CLASS/*, DIR/val/CLASS/* for the kNN monitor instead of the "
+                        "pretraining dataset's labels (for --dataset folder, which has none)")
     r.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN monitor")
     r.add_argument("--knn-temperature", type=float, default=0.1, help="kNN vote weight exp(sim / t)")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged scalars to OUT/tensorboard (needs pip install tensorboard)")
     args = p.parse_args(argv)
 
     # The CIFAR recipe (paper Appendix B.9, official README) for CIFAR and small images, unless set.
@@ -152,7 +160,10 @@ def get_args(argv=None):
     if args.weight_decay is None:
         args.weight_decay = 1e-4 if cifar else 1e-6
     if args.knn_every is None:
-        args.knn_every = 0 if args.dataset == "imagefolder" else 10
+        args.knn_every = 10 if args.knn_data else 0 if args.dataset in ("imagefolder", "folder") else 10
+    if args.knn_every and args.dataset == "folder" and not args.knn_data:
+        p.error("--dataset folder has no labels for the kNN monitor: add --knn-data DIR (a labelled folder, "
+                "DIR/train/CLASS/*, DIR/val/CLASS/*) or drop --knn-every")
     if args.workers is None:
         args.workers = data.default_workers()
     for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every") + (
@@ -298,6 +309,7 @@ def main():
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
     ckpt_path = prepare_out(args, master)
+    board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, master)  # rank 0 writes
     loader, views, knn = build_data(args, ctx, per_rank)
     view_bytes = 3 * args.image_size ** 2 * (1 if args.distort_on == "device" else 4)  # uint8 crops or float views
     data.check_shared_memory(args.workers, 2 * per_rank * view_bytes)  # each rank: its node's /dev/shm
@@ -330,7 +342,7 @@ def main():
         print_start(args, ctx, encoder, amp_text, views_text=str(views), peak_lr=peak_lr, per_rank=per_rank,
                     steps=(steps_per_epoch, total_steps, warmup_steps), start=(start_epoch, start_step), path=ckpt_path)
     job = SimpleNamespace(args=args, ctx=ctx, model=model, encoder=encoder, optimizer=optimizer, scaler=scaler,
-                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch)  # what the helpers below share
+                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch, board=board)  # what the helpers below share
     generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
     stop = StopRequest()
     nonfinite = torch.tensor([-1.0, 0.0], device=device)  # [step, loss] of the first non-finite loss
@@ -374,10 +386,13 @@ def main():
                     now = time.time()
                     done = min(i + 1 - first, (i % args.log_every) + 1)
                     eta = (now - t_start) / steps_done * (total_steps - step - 1)
+                    rate = done * args.batch_size / max(now - t_log, 1e-9)
                     print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {stats[0]:.4f} "
-                          f"acc {stats[1]:.3f} lr {lr:.4g} img/s {done * args.batch_size / max(now - t_log, 1e-9):.0f}"
+                          f"acc {stats[1]:.3f} lr {lr:.4g} img/s {rate:.0f}"
                           f"{memory_text(ctx)}{scale_text(scaler)} eta {datetime.timedelta(seconds=int(eta))}",
                           flush=True)
+                    board.add(step + 1, **{"train/loss": stats[0], "train/contrast_acc": stats[1], "train/lr": lr,
+                                           "train/images_per_s": rate, "train/peak_gpu_memory_gib": peak_memory(ctx)})
                     t_log = now
                 if stopping and i + 1 < steps_per_epoch:  # at an epoch's end, the epoch checkpoint below serves
                     stop_and_exit(job, stop, epoch, i + 1, sums)
@@ -409,7 +424,8 @@ def prepare_out(args, master):
 def build_data(args, ctx, per_rank):
     """The pretraining loader and, with --knn-every, the kNN monitor's -> (loader, views, knn)."""
     def build(split):
-        dataset = data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size)
+        dataset = (data.build_dataset("imagefolder", args.knn_data, split) if args.knn_data and split != "pretrain"
+                   else data.build_dataset(args.dataset, args.data_dir, split, args.image_size, args.synthetic_size))
         return data.first_images(dataset, args.max_images)
 
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
@@ -486,8 +502,13 @@ def print_start(args, ctx, encoder, amp_text, views_text, peak_lr, per_rank, ste
         print(f"nothing to do: the checkpoint has finished {start[0]} of {args.epochs} epochs", flush=True)
 
 
+def peak_memory(ctx):
+    """Rank 0's peak GPU memory in GiB since the epoch began (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.cuda else None
+
+
 def memory_text(ctx):
-    return f" mem {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.1f}GiB" if ctx.cuda else ""
+    return f" mem {peak_memory(ctx):.1f}GiB" if ctx.cuda else ""
 
 
 def scale_text(scaler):
@@ -577,6 +598,10 @@ def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
         save(job, epoch + 1, 0, list(NO_SUMS))
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+        job.board.add(record["step"], **{"epoch/loss": mean_loss, "epoch/contrast_acc": mean_acc,
+                                         "epoch/knn_top1": record.get("knn_top1"),
+                                         "epoch/images_per_s": record["images_per_s"],
+                                         "epoch/peak_gpu_memory_gib": record.get("peak_gpu_memory_gib")})
         print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
               f"{memory_text(ctx)}{f'; skipped {skipped} unreadable images' if skipped else ''}; "
               f"saved {job.ckpt_path}", flush=True)

@@ -1,0 +1,215 @@
+"""The pretrained encoder out of this project: for torchvision, for detectron2, or as features.
+
+  python export.py runs/imagenet/encoder.pt --to torchvision resnet50_simclr.pth
+  python export.py runs/imagenet/encoder.pt --to detectron2 resnet50_simclr.pkl
+  python export.py runs/mine/encoder.pt --to features --data-dir photos features.npz
+
+Reads encoder.pt or ckpt.pt (pretrain.py, convert_official.py).
+
+torchvision: the encoder's state dict under torchvision's names, which are this project's at
+width 1; torchvision.models.resnetNN() loads it with fc left out, and then gives the encoder's
+features exactly (with fc replaced by nn.Identity(), or reading avgpool's output):
+
+    net = torchvision.models.resnet50(); net.fc = torch.nn.Identity()
+    net.load_state_dict(torch.load("resnet50_simclr.pth"))     # strict
+
+detectron2: the pickle DetectionCheckpointer reads for the ResNet of build_resnet_backbone
+(stem.conv1, res2-res5 as detectron2 names them; BN as conv*.norm, FrozenBN's four tensors),
+{"model": {name: numpy array}, "__author__": ..., "matching_heuristics": True}. The config
+lines it needs are printed (torchvision's stride placement, RGB in [0, 1], the width).
+
+Both need the ImageNet stem (not --cifar-stem); torchvision also width 1. An encoder with
+TensorFlow's max-pool padding (converted official checkpoints) is exported with a warning
+that gives the size of the feature shift torchvision's and detectron2's padding cause.
+
+features: h = f(x) for every image under --data-dir (any layout, as --dataset folder, in its
+sorted order), through the evaluation transform at the pretraining image size (--image-size to
+change it), to OUT.npz: `features` (N, d) float32 and `paths` (N,), row i for paths[i]; for
+retrieval and clustering. Every image must be readable.
+"""
+import argparse
+import os
+import pickle
+import sys
+
+import numpy as np
+import torch
+import torchvision
+
+import data
+from augment import EvalTransform
+from distributed import AMP_DTYPES, add_amp_flags, fail, resolve_amp, run, setup
+from features import extract_features
+from model import CheckpointError, build_encoder, load_encoder, pretrain_settings, save_atomic
+
+TARGETS = ("torchvision", "detectron2", "features")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="encoder.pt or ckpt.pt")
+    p.add_argument("out", help="the file to write (.pth for torchvision, .pkl for detectron2, .npz for features)")
+    p.add_argument("--to", required=True, choices=TARGETS)
+    p.add_argument("--data-dir", default=None, help="--to features: the folder of images (any layout)")
+    p.add_argument("--image-size", type=int, default=None, help="--to features: default: the pretraining one")
+    p.add_argument("--batch-size", type=int, default=256, help="--to features: images per batch")
+    p.add_argument("--workers", type=int, default=None, help="--to features: data loading processes")
+    add_amp_flags(p, what="the encoder (--to features)")
+    args = p.parse_args(argv)
+    if args.to == "features" and not args.data_dir:
+        p.error("--to features needs --data-dir, the folder of images")
+    if args.to != "features" and args.data_dir:
+        p.error(f"--data-dir is for --to features; --to {args.to} exports the weights alone")
+    if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
+        p.error("--batch-size and --image-size must be at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# torchvision and detectron2
+
+def check_stem(encoder, target):
+    """One line unless the encoder has the ImageNet stem (and, for torchvision, width 1)."""
+    config = encoder.config
+    if config["cifar_stem"]:
+        fail(f"this encoder has the CIFAR stem (3x3 convolution, no max-pool); {target}'s ResNet has the ImageNet "
+             "stem (7x7, stride 2, max-pool), so its weights cannot go there")
+    if target == "torchvision" and config["width"] != 1:
+        fail(f"this encoder has width {config['width']:g}; torchvision's ResNets exist at width 1 only "
+             "(--to detectron2 takes any width of ResNet-50/101/152)")
+
+
+def torchvision_state(encoder):
+    """The encoder's weights under torchvision's names (this project's names at width 1): a plain
+    state dict that torchvision.models.<arch>() loads strictly except for fc."""
+    check_stem(encoder, "torchvision")
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    net = getattr(torchvision.models, encoder.config["arch"])()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if sorted(missing) != ["fc.bias", "fc.weight"] or unexpected:  # a guard: the names are shared by construction
+        raise RuntimeError(f"torchvision's {encoder.config['arch']} does not take these weights: "
+                           f"missing {missing}, unexpected {unexpected}")
+    return state
+
+
+def detectron2_name(name):
+    """This project's (torchvision's) parameter name -> detectron2's ResNet backbone name, or None for
+    tensors detectron2 has no place for (num_batches_tracked: its FrozenBatchNorm2d keeps none).
+    conv1 / bn1 -> stem.conv1 / stem.conv1.norm; layerK.i -> res{K+1}.i, where bnJ -> convJ.norm and the
+    projection shortcut downsample.0 / downsample.1 -> shortcut / shortcut.norm."""
+    parts = name.split(".")
+    if parts[-1] == "num_batches_tracked":
+        return None
+    if parts[0] in ("conv1", "bn1"):
+        return "stem.conv1." + ("norm." if parts[0] == "bn1" else "") + parts[-1]
+    stage, block, module, rest = f"res{int(parts[0][len('layer'):]) + 1}", parts[1], parts[2], parts[3:]
+    if module == "downsample":
+        module, rest = ("shortcut" if rest[0] == "0" else "shortcut.norm"), rest[1:]
+    elif module.startswith("bn"):
+        module = f"conv{module[2:]}.norm"
+    return ".".join([stage, block, module] + rest)
+
+
+def detectron2_checkpoint(encoder):
+    """{"model": {detectron2 name: float32 numpy array}, "__author__", "matching_heuristics": True}."""
+    check_stem(encoder, "detectron2")
+    config = encoder.config
+    if config["arch"] in ("resnet18", "resnet34") and config["width"] != 1:
+        fail(f"detectron2 builds {config['arch']} at width 1 only (it requires RES2_OUT_CHANNELS = 64); "
+             f"this encoder has width {config['width']:g}")
+    weights = {}
+    for k, v in encoder.state_dict().items():
+        name = detectron2_name(k)
+        if name is not None:
+            weights[name] = v.detach().cpu().float().numpy()
+    return {"model": weights, "__author__": f"simclr export.py from {encoder.config}", "matching_heuristics": True}
+
+
+def detectron2_config(encoder, path):
+    """The detectron2 config lines that build the backbone these weights fit."""
+    config = encoder.config
+    depth = int(config["arch"][len("resnet"):])
+    stem = encoder.conv1.out_channels
+    lines = [f"MODEL.WEIGHTS {path}", f"MODEL.RESNETS.DEPTH {depth}",
+             "MODEL.RESNETS.STRIDE_IN_1X1 False  # the stride is in the 3x3 convolution (torchvision's, ResNet v1.5)",
+             "MODEL.PIXEL_MEAN [0.0, 0.0, 0.0]", "MODEL.PIXEL_STD [255.0, 255.0, 255.0]  # the encoder saw RGB in [0, 1]",
+             "INPUT.FORMAT RGB"]
+    if depth >= 50 and stem != 64:
+        lines += [f"MODEL.RESNETS.STEM_OUT_CHANNELS {stem}", f"MODEL.RESNETS.WIDTH_PER_GROUP {stem}",
+                  f"MODEL.RESNETS.RES2_OUT_CHANNELS {encoder.layer1[0].conv3.out_channels}"]
+    return lines
+
+
+def pooling_shift(encoder, images=8, size=224, seed=0):
+    """How much a max-pool padded as PyTorch's (1 on each side) moves the features of an encoder built
+    with TensorFlow's 'SAME' padding: (max |h - h'|, max |h|, smallest cosine similarity of h and h'),
+    on `images` smooth random images of `size` px (8 x 8 uniform noise, bicubically enlarged: pixel noise
+    alone would hide the shift, a max over a window of noise being much the same wherever it sits)."""
+    config = {k: v for k, v in encoder.config.items() if k != "tf_same_pool"}
+    other = build_encoder(**config)
+    other.load_state_dict(encoder.state_dict())
+    x = torch.rand(images, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        h, h2 = encoder.eval()(x), other.eval()(x)
+    cos = torch.nn.functional.cosine_similarity(h, h2, dim=1).min().item()
+    return (h - h2).abs().max().item(), h.abs().max().item(), cos
+
+
+def warn_tf_pool(encoder, target):
+    if not encoder.config.get("tf_same_pool"):
+        return
+    diff, scale, cos = pooling_shift(encoder)
+    print(f"warning: this encoder pads its stem max-pool as TensorFlow ('SAME': 0 before, 1 after at even sizes); "
+          f"{target}'s max-pool pads 1 on each side, which shifts every pooling window and the features: on 8 "
+          f"smooth random 224 px images max |h - h_{target}| = {diff:.4g} (of max |h| {scale:.4g}, {100 * diff / scale:.2g}%), "
+          f"smallest cosine similarity {cos:.6f}. Exported anyway", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# features
+
+def export_features(args, encoder, ckpt):
+    ctx = setup()
+    args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
+    size = args.image_size or pretrain_settings(ckpt).get("image_size") or 224
+    images = data.FolderImages(args.data_dir)
+    workers = data.default_workers() if args.workers is None else args.workers
+    loader = data.make_loader(data.SeededTransform(images, EvalTransform(size, train=False), strict=True),
+                              args.batch_size, train=False, workers=workers, pin_memory=ctx.cuda)
+    print(f"{amp_text}; {len(images)} images under {args.data_dir}, {size} px, encoder {encoder.config}", flush=True)
+    # eval mode: BN uses the statistics from pretraining, as in the evaluation scripts
+    feats, _ = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
+                                what="features")
+    tmp = f"{args.out}.tmp.{os.getpid()}.npz"  # np.savez adds .npz to a name without it
+    np.savez(tmp, features=feats.float().cpu().numpy(), paths=np.array([p for p, _ in images.samples]))
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: features {tuple(feats.shape)} float32 and paths ({len(images)})", flush=True)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    encoder, ckpt = load_encoder(args.checkpoint)
+    if args.to == "features":
+        return export_features(args, encoder, ckpt)
+    if args.to == "torchvision":
+        state = torchvision_state(encoder)
+        warn_tf_pool(encoder, "torchvision")
+        save_atomic(state, args.out)
+        arch = encoder.config["arch"]
+        print(f"wrote {args.out}: {len(state)} tensors for torchvision.models.{arch}(); load with\n"
+              f"  net = torchvision.models.{arch}(); net.fc = torch.nn.Identity()\n"
+              f"  net.load_state_dict(torch.load({args.out!r}))", flush=True)
+        return
+    checkpoint = detectron2_checkpoint(encoder)
+    warn_tf_pool(encoder, "detectron2")
+    tmp = f"{args.out}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        pickle.dump(checkpoint, f)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {len(checkpoint['model'])} tensors of detectron2's ResNet backbone; config:\n  "
+          + "\n  ".join(detectron2_config(encoder, args.out)), flush=True)
+
+
+if __name__ == "__main__":
+    run(main, (data.DataError, CheckpointError), data.error_text)

@@ -1,0 +1,128 @@
+"""export.py: the encoder for torchvision (its features exactly), for detectron2 (every backbone name of
+detectron2's own build_resnet_backbone, with its shape), and the features of a folder of images."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import export
+from augment import EvalTransform
+from model import build_encoder, save_encoder
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "reference", "detectron2_resnet_names.json")
+
+
+def trained_looking(encoder, seed=0):
+    """Random BN statistics, scales and shifts, so that no tensor is its initial constant and a
+    mix-up of two BN tensors in an export would change the features."""
+    g = torch.Generator().manual_seed(seed)
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t in (m.weight.data, m.bias.data, m.running_mean):
+                t.copy_(torch.rand(t.shape, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_model_gives_the_encoders_features_exactly(arch):
+    encoder = trained_looking(build_encoder(arch))
+    net = getattr(torchvision.models, arch)()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(export.torchvision_state(encoder))  # strict
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), encoder(x))
+
+
+def test_torchvision_export_end_to_end_and_refusals(run, tmp_path, capsys):
+    encoder = trained_looking(build_encoder("resnet18"))
+    save_encoder(tmp_path / "enc.pt", encoder)
+    result = run("export.py", "enc.pt", "--to", "torchvision", "tv.pth")
+    assert "warning" not in result.stderr and "net.fc = torch.nn.Identity()" in result.stdout
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+    for name, enc, text in (("wide", build_encoder("resnet18", width=2), "width 2"),
+                            ("cifar", build_encoder("resnet18", cifar_stem=True), "CIFAR stem")):
+        save_encoder(tmp_path / f"{name}.pt", enc)
+        with pytest.raises(SystemExit) as e:  # in this process: fail()'s one line and exit status
+            export.main([str(tmp_path / f"{name}.pt"), "--to", "torchvision", str(tmp_path / "x.pth")])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and "error:" in lines[0] and text in lines[0], lines
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_tf_same_pool_is_exported_with_the_measured_shift(run, tmp_path):
+    encoder = trained_looking(build_encoder("resnet18", tf_same_pool=True))
+    save_encoder(tmp_path / "tf.pt", encoder)
+    result = run("export.py", "tf.pt", "--to", "torchvision", "tv.pth")
+    # the shift, computed here independently: torchvision's own model on the same 8 images
+    net = torchvision.models.resnet18()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True))
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        diff = (encoder(x) - net.eval()(x)).abs().max().item()
+    assert diff > 0
+    warning = result.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning:") and f"= {diff:.4g} (of max |h|" in warning[0]
+
+
+def reference():
+    with open(REFERENCE) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("layout,arch,width", [("resnet18", "resnet18", 1), ("resnet50", "resnet50", 1),
+                                               ("resnet50_2x", "resnet50", 2), ("resnet152", "resnet152", 1)])
+def test_detectron2_names_and_shapes_are_those_of_its_backbone(layout, arch, width):
+    expected = reference()["layouts"][layout]
+    encoder = trained_looking(build_encoder(arch, width=width))
+    checkpoint = export.detectron2_checkpoint(encoder)
+    assert checkpoint["matching_heuristics"] is True and isinstance(checkpoint["__author__"], str)
+    got = {k: list(v.shape) for k, v in checkpoint["model"].items()}
+    assert got == expected  # every name of detectron2's backbone, nothing more, each with its shape
+    state = encoder.state_dict()
+    for ours, theirs in (("layer1.0.bn1.running_var", "res2.0.conv1.norm.running_var"),
+                         ("layer2.0.downsample.1.bias", "res3.0.shortcut.norm.bias"),
+                         ("bn1.weight", "stem.conv1.norm.weight")):
+        assert np.array_equal(checkpoint["model"][theirs], state[ours].numpy())
+
+
+def test_detectron2_export_writes_the_pickle_and_its_config(run, tmp_path):
+    save_encoder(tmp_path / "enc.pt", trained_looking(build_encoder("resnet50", width=0.5)))
+    result = run("export.py", "enc.pt", "--to", "detectron2", "d2.pkl")
+    with open(tmp_path / "d2.pkl", "rb") as f:
+        checkpoint = pickle.load(f)
+    assert set(checkpoint) == {"model", "__author__", "matching_heuristics"}
+    assert all(v.dtype == np.float32 for v in checkpoint["model"].values())
+    for line in ("MODEL.RESNETS.STRIDE_IN_1X1 False", "MODEL.RESNETS.RES2_OUT_CHANNELS 128",
+                 "MODEL.RESNETS.STEM_OUT_CHANNELS 32", "MODEL.RESNETS.WIDTH_PER_GROUP 32", "INPUT.FORMAT RGB"):
+        assert line in result.stdout
+
+
+def test_features_of_a_folder_with_their_paths(run, tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["b/2.png", "a/x/1.JPG", "c.png"]
+    for name in names:
+        (tmp_path / "imgs" / os.path.dirname(name)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name, "PNG")
+    (tmp_path / "imgs" / "notes.txt").write_text("x")
+    encoder = trained_looking(build_encoder("resnet18", width=0.25, cifar_stem=True))
+    save_encoder(tmp_path / "enc.pt", encoder, image_size=32)
+    run("export.py", "enc.pt", "--to", "features", "--data-dir", "imgs", "f.npz", "--workers", "0")
+    saved = np.load(tmp_path / "f.npz")
+    assert list(saved["paths"]) == [os.path.join("imgs", n) for n in sorted(names)]
+    transform = EvalTransform(32, train=False)  # the pretraining size the checkpoint records
+    with torch.no_grad():
+        expected = encoder(torch.stack([transform(Image.open(tmp_path / p).convert("RGB")) for p in saved["paths"]]))
+    assert saved["features"].shape == (3, 128) and saved["features"].dtype == np.float32
+    np.testing.assert_allclose(saved["features"], expected.numpy(), rtol=1e-5, atol=1e-6)
