@@ -282,7 +282,6 @@ def test_official_resnet18_shortcuts():
 
 
 def _sk_model(checkpointing):
-    from checkpointing_worker import SIZE  # noqa: F401  (the views' size: 32 px)
     torch.manual_seed(0)
     encoder = build_encoder("resnet50", width=0.125, sk_ratio=0.0625, activation_checkpointing=checkpointing)
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim, out_dim=16))
