@@ -2,27 +2,35 @@
 
     python convert_official.py r50_1x/model.ckpt-225206 r50_1x.pt
     python linear_eval.py r50_1x.pt --dataset imagefolder --data-dir /data/imagenet --checkpoint-classifier
-    python convert_official.py finetuned_10pct/r50_2x_sk0/model.ckpt-NNNN r50_2x_ft10.pt   # --head-layer 1 implied
+    python convert_official.py finetuned_10pct/r152_3x_sk1/model.ckpt-NNNN r152_3x_sk1_ft10.pt  # --head-layer 1 implied
+    python convert_official.py my_run/model.ckpt-NNNN my_run.pt --ema  # a run that kept EMA copies of its weights
 
 Reads the `.index` + `.data-*` files of a checkpoint written by the official
 TF1 code (google-research/simclr, root folder): the SimCLR v1 zips (ResNet-50
 1x/2x/4x) and the v2 `pretrained`, `finetuned_*` and `supervised` folders
-(ResNet-50/101/152, 1x/2x/3x, sk0). No TensorFlow is needed: the index is a
-LevelDB table of BundleEntryProto records, parsed below with numpy and the
-standard library.
+(ResNet-50/101/152, 1x/2x/3x, sk0 and sk1), and the official ResNet-18/34
+(no release; what users train with the official code, e.g. its CIFAR-10 recipe).
+No TensorFlow is needed: the index is a LevelDB table of BundleEntryProto
+records, parsed below with numpy and the standard library.
 
 Layers are matched by the order in which the official resnet.py creates them
-(stem, then per block: projection shortcut, conv1, conv2, conv3, with BN after
-each), which fixes TF's auto-numbered names conv2d, conv2d_1, ...; every shape
-is checked against the rebuilt PyTorch module. The encoder is rebuilt exactly:
-TF's 'SAME' stem max-pool (tf_same_pool=True in its config); BN epsilon 1e-5
-and the explicit conv padding already agree. Also carried over: the projection
-head (head_contrastive, v2: three layers) and the supervised linear head
-(head_supervised) as "classifier", which reads h (--head-layer 0: v1,
-v2 pretrained and supervised) or the output of projection-head layer 1 (v2
-fine-tuned checkpoints, the official ft_proj_selector=1). Optimizer slots
-(Momentum), EMA copies and global_step are skipped. Selective-kernel (sk1)
-checkpoints and layouts other than these are refused with one line.
+(stem, then per block: projection shortcut, conv1, conv2 or the selective-kernel
+layers, conv3, with BN after each), which fixes TF's auto-numbered names conv2d,
+conv2d_1, ...; every shape is checked against the rebuilt PyTorch module. Depth,
+width, stem and SK are read from the layout: the ResNet-D stem of sk1 networks
+starts with two 3x3 convolutions of 32w channels; the number of convolutions
+fixes depth and block type. The encoder is rebuilt exactly: TF's 'SAME' stem
+max-pool (tf_same_pool=True in its config), sk_ratio 0.0625 for sk1 (it only
+sets the attention widths, all checked), the official ResNet-18/34 shortcuts
+(first_group_projection); BN epsilon 1e-5 and the explicit conv padding already
+agree. Also carried over: the projection head (head_contrastive, v2: three
+layers) and the supervised linear head (head_supervised) as "classifier", which
+reads h (--head-layer 0: v1, v2 pretrained and supervised) or the output of
+projection-head layer 1 (v2 finetuned_1pct/10pct, the official ft_proj_selector=1;
+finetuned_100pct: h, as the SimCLRv2 paper says; --head-layer overrides).
+Optimizer slots (Momentum), EMA copies (unless --ema takes them in place of the
+weights) and global_step are skipped. Squeeze-and-excitation networks (se_ratio,
+no release) and other layouts are refused with one line.
 """
 import argparse
 import glob
@@ -32,7 +40,7 @@ import sys
 import numpy as np
 import torch
 
-from model import ProjectionHead, build_encoder, save_encoder
+from model import ARCHS, BasicBlock, ProjectionHead, build_encoder, save_encoder
 
 
 class ConvertError(ValueError):
@@ -179,7 +187,7 @@ class TFCheckpoint:
 
 SKIPPED_PARTS = {"Momentum", "ExponentialMovingAverage", "Adam", "Adam_1", "RMSProp", "RMSProp_1", "LARSOptimizer"}
 MODEL_SCOPES = ("base_model/", "head_contrastive/", "head_supervised/")
-DEPTHS = {53: "resnet50", 104: "resnet101", 155: "resnet152"}  # convolutions -> arch (bottleneck ResNets)
+SK_RATIO = 0.0625  # every released sk1 model; it only sets the attention widths, which are checked below
 BN_PARAMS = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"), ("moving_variance", "running_var"))
 
 
@@ -194,18 +202,70 @@ def _tf_name(kind, i):  # the i-th layer of a kind: conv2d, conv2d_1, conv2d_2, 
     return kind if i == 0 else f"{kind}_{i}"
 
 
+def official_convs(arch, sk, resnet_d_stem):
+    """How many convolutions the official resnet.py creates: the stem (3 in the ResNet-D one),
+    per block 2 (basic), 3 (bottleneck) or 5 (SK bottleneck: conv1, the 2f conv, two attention
+    1x1s, conv3), and one projection shortcut in the first block of each of the 4 groups."""
+    block, layers = ARCHS[arch]
+    per_block = 2 if block is BasicBlock else 5 if sk else 3
+    return (3 if resnet_d_stem else 1) + per_block * sum(layers) + 4
+
+
+def _convs_and_bns(module, prefix):
+    return [f"{prefix}.{n}".rstrip(".") for n, m in module.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+
+
 def creation_order(encoder):
-    """Our conv and BN module names in the order the official resnet.py creates its layers."""
-    convs, bns = ["conv1"], ["bn1"]
+    """Our conv and BN module names in the order the official resnet.py creates its layers:
+    the stem, then per block the projection shortcut first (ours registers it last), then
+    the block's layers in the order model.py registers them, which is the official one
+    (an SK block: conv1, bn1, the 2f conv, its BN, attention conv, BN, conv, then conv3, bn3)."""
+    order = _convs_and_bns(encoder.conv1, "conv1") + ["bn1"]
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for j, block in enumerate(getattr(encoder, stage)):
-            prefix = f"{stage}.{j}."
-            if block.downsample is not None:  # the projection shortcut comes first in each block
-                convs.append(prefix + "downsample.0")
-                bns.append(prefix + "downsample.1")
-            convs += [prefix + "conv1", prefix + "conv2", prefix + "conv3"]
-            bns += [prefix + "bn1", prefix + "bn2", prefix + "bn3"]
-    return convs, bns
+            prefix = f"{stage}.{j}"
+            if block.downsample is not None:
+                order += _convs_and_bns(block.downsample, prefix + ".downsample")
+            order += [n for n in _convs_and_bns(block, prefix) if ".downsample" not in n]
+    convs = [n for n in order if isinstance(encoder.get_submodule(n), torch.nn.Conv2d)]
+    return convs, [n for n in order if n not in convs]
+
+
+def encoder_config(base):
+    """The encoder config of an official base_model layout {name: shape}: stem kind and width
+    from the first convolution(s), depth and SK from the number of convolutions."""
+    stem = base.get("base_model/conv2d/kernel")
+    if stem is None or len(stem) != 4:
+        raise ConvertError("no base_model/conv2d/kernel: not a checkpoint of the official SimCLR (TF1) code")
+    if any(n.startswith("base_model/conv2d") and n.endswith("/bias") for n in base):  # se_layer's convs have biases
+        raise ConvertError("this checkpoint has squeeze-and-excitation layers (se_ratio > 0, convolutions with "
+                           "biases), which this converter does not support; no official release uses them")
+    if stem[:3] not in ((7, 7, 3), (3, 3, 3)):
+        raise ConvertError(f"unexpected stem kernel {stem}: not an official SimCLR ResNet")
+    second = base.get("base_model/conv2d_1/kernel")
+    # ResNet-D stem: 3x3 (3 -> 32w), 3x3 (32w -> 32w), 3x3 (32w -> 64w). The CIFAR stem is one 3x3
+    # conv to 64w, followed by the first block's 1x1 projection shortcut (official: always one).
+    resnet_d_stem = stem[:3] == (3, 3, 3) and second is not None and second == (3, 3, stem[3], stem[3])
+    width = stem[3] / (32 if resnet_d_stem else 64)
+    n_convs = sum(n.endswith("/kernel") and n.startswith("base_model/conv2d") for n in base)
+    found = [(arch, sk) for arch in ARCHS for sk in (False, True)
+             if (not sk or ARCHS[arch][0] is not BasicBlock) and (sk or not resnet_d_stem)
+             and official_convs(arch, sk, resnet_d_stem) == n_convs]
+    if not found:
+        raise ConvertError(f"{n_convs} convolutions in base_model: not an official ResNet-18/34/50/101/152 "
+                           f"(sk0 or sk1) layout with a {'ResNet-D' if resnet_d_stem else stem[0]}x"
+                           f"{'' if resnet_d_stem else stem[1]} stem")
+    (arch, sk), = found
+    config = {"arch": arch, "width": int(width) if width == int(width) else width, "cifar_stem": stem[0] == 3
+              and not resnet_d_stem}
+    if not config["cifar_stem"]:
+        config["tf_same_pool"] = True
+    if sk:
+        config["sk_ratio"] = SK_RATIO
+    if ARCHS[arch][0] is BasicBlock:  # the official ResNet-18/34 project in the first group too
+        config["first_group_projection"] = True
+    return config
 
 
 def plan(shapes, head_layer=0):
@@ -213,28 +273,12 @@ def plan(shapes, head_layer=0):
 
     -> (encoder_config, head_config or None, classes or None, [(tf name, target, key, transpose)])
     with target "encoder", "head" or "classifier". Raises ConvertError for layouts
-    other than the official sk0 ResNet-50/101/152 with its heads.
+    other than the official ResNet-18/34/50/101/152 (sk0, and sk1 for 50/101/152) with its heads.
     """
     model = {n: s for n, s in shapes.items() if not skipped(n)}
     base = {n: s for n, s in model.items() if n.startswith("base_model/")}
-    stem = base.get("base_model/conv2d/kernel")
-    if stem is None or len(stem) != 4:
-        raise ConvertError("no base_model/conv2d/kernel: not a checkpoint of the official SimCLR (TF1) code")
-    second = base.get("base_model/conv2d_1/kernel")
-    if stem[:3] == (3, 3, 3) and second is not None and second[:2] == (3, 3):
-        raise ConvertError("this is a selective-kernel (sk1) checkpoint (ResNet-D stem, SK convolutions), "
-                           "which this converter does not support; use an sk0 checkpoint")
-    if stem[:3] not in ((7, 7, 3), (3, 3, 3)):
-        raise ConvertError(f"unexpected stem kernel {stem}: not an official SimCLR ResNet")
-    n_convs = sum(n.endswith("/kernel") and "/conv2d" in n for n in base)
-    if n_convs not in DEPTHS:
-        raise ConvertError(f"{n_convs} convolutions in base_model: only the official ResNet-50/101/152 (sk0) "
-                           "layouts are supported (ResNet-18/34 and SK/SE variants are not)")
-    config = {"arch": DEPTHS[n_convs], "width": stem[3] / 64, "cifar_stem": stem[0] == 3}
-    if config["width"] == int(config["width"]):
-        config["width"] = int(config["width"])
-    if not config["cifar_stem"]:
-        config["tf_same_pool"] = True
+    config = encoder_config(base)
+    name = f"{config['arch']} {config['width']}x{' SK' if 'sk_ratio' in config else ''}"
     with torch.device("meta"):  # shapes only, no memory, even for ResNet-152 3x
         encoder = build_encoder(**config)
     ours = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
@@ -244,14 +288,14 @@ def plan(shapes, head_layer=0):
     def take(tf_name, target, key, expected, transpose):
         shape = model.get(tf_name)
         if shape is None:
-            raise ConvertError(f"missing variable {tf_name} for a {config['arch']} {config['width']}x layout")
+            raise ConvertError(f"missing variable {tf_name} for a {name} layout")
         if transpose == "conv":
             shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
         elif transpose == "dense":
             shape = tuple(reversed(shape))
         if shape != expected:
             raise ConvertError(f"variable {tf_name} has shape {model[tf_name]}, expected {expected} "
-                               f"(as {key}) for a {config['arch']} {config['width']}x layout")
+                               f"(as {key}) for a {name} layout")
         mapping.append((tf_name, target, key, transpose))
         used.add(tf_name)
 
@@ -297,7 +341,7 @@ def plan(shapes, head_layer=0):
     unknown = sorted(n for n in model if n not in used and n.startswith(MODEL_SCOPES))
     if unknown:
         raise ConvertError(f"{len(unknown)} variables of an unknown layout, e.g. {', '.join(unknown[:3])}: "
-                           "only the official sk0 ResNet with its heads is supported")
+                           "only the official ResNet with its heads is supported")
     return config, head_config, classes, mapping
 
 
@@ -309,12 +353,43 @@ def _to_torch(array, transpose):
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
-def convert(prefix, out, head_layer=None):
-    """Convert checkpoint `prefix` to encoder.pt `out`; returns a one-line summary."""
+def with_averages(mapping, shapes):
+    """The mapping with every trained variable read from its ExponentialMovingAverage copy
+    (tf.train.ExponentialMovingAverage names it VARIABLE/ExponentialMovingAverage); BN moving
+    statistics, which are not trained, stay as they are. Every trained variable must have one."""
+    out, missing = [], []
+    for tf_name, target, key, transpose in mapping:
+        if not tf_name.endswith(("moving_mean", "moving_variance")):
+            average = f"{tf_name}/ExponentialMovingAverage"
+            if shapes.get(average) != shapes[tf_name]:
+                missing.append(tf_name)
+            tf_name = average
+        out.append((tf_name, target, key, transpose))
+    if missing:
+        raise ConvertError(f"--ema: {len(missing)} of the trained variables have no ExponentialMovingAverage copy "
+                           f"of their shape (e.g. {', '.join(missing[:3])}); convert without --ema")
+    return out
+
+
+def default_head_layer(prefix):
+    """The projection-head layer the stored classifier reads, from the release folder in the path.
+    SimCLRv2 paper (Appendix, fine-tuning): "by default we fine-tune from the first layer of the
+    projection head for 1%/10% of labeled examples, but from the input of the projection head when
+    100% labels are present" -> 1 for finetuned_1pct/10pct, 0 for finetuned_100pct; 0 for
+    pretrained (linear eval on h), supervised and v1. See README, "Official checkpoints"."""
+    path = os.path.abspath(prefix)
+    return 1 if "finetuned" in path and "finetuned_100pct" not in path else 0
+
+
+def convert(prefix, out, head_layer=None, ema=False):
+    """Convert checkpoint `prefix` to encoder.pt `out`; returns a one-line summary.
+    ema=True takes the trained variables from their ExponentialMovingAverage copies."""
     ckpt = TFCheckpoint(prefix)
-    if head_layer is None:  # the official fine-tuned v2 models read projection-head layer 1
-        head_layer = 1 if "finetuned" in os.path.abspath(prefix) else 0
+    if head_layer is None:
+        head_layer = default_head_layer(prefix)
     config, head_config, classes, mapping = plan(ckpt.shapes, head_layer)
+    if ema:
+        mapping = with_averages(mapping, ckpt.shapes)
     encoder = build_encoder(**config)
     head = ProjectionHead(**head_config) if head_config else None
     states = {"encoder": encoder.state_dict(), "head": head.state_dict() if head else None}
@@ -327,16 +402,19 @@ def convert(prefix, out, head_layer=None):
             states[target][key].copy_(value)  # state_dict tensors share storage with the module
     step = int(ckpt.read("global_step")) if "global_step" in ckpt.shapes else None
     meta = {"source": "google-research/simclr TF1 checkpoint", "tf_checkpoint": os.path.abspath(prefix),
-            "tf_global_step": step}
+            "tf_global_step": step, "ema": bool(ema)}
     if not config["cifar_stem"]:
         meta.update(dataset="imagefolder", image_size=224)
     save_encoder(out, encoder, head=head, classifier=classifier, **meta)
-    skipped_names = [n for n in ckpt.shapes if skipped(n)]
-    other = [n for n in ckpt.shapes if not skipped(n) and n not in {m[0] for m in mapping}]
+    read = {m[0] for m in mapping}
+    skipped_names = [n for n in ckpt.shapes if skipped(n) and n not in read]
+    other = [n for n in ckpt.shapes
+             if not skipped(n) and n not in read and not (ema and f"{n}/ExponentialMovingAverage" in read)]
     return (f"{config['arch']} {config['width']}x ({encoder.feature_dim}-d features, config {config}); "
             + (f"projection head {head_config['num_layers']} layers; " if head else "no projection head; ")
             + (f"classifier {classes} classes on head layer {head_layer}; " if classes else "no classifier; ")
-            + f"{len(mapping)} tensors converted, {len(skipped_names)} optimizer/EMA/step entries skipped"
+            + f"{len(mapping)} tensors converted{' (EMA copies of the trained ones)' if ema else ''}, "
+            + f"{len(skipped_names)} optimizer/EMA/step entries skipped"
             + (f", {len(other)} others ignored ({', '.join(other[:3])})" if other else "") + f"; wrote {out}")
 
 
@@ -347,8 +425,11 @@ def get_args(argv=None):
     p.add_argument("out", help="encoder.pt to write")
     p.add_argument("--head-layer", type=int, default=None,
                    help="projection-head layer the stored classifier reads (official ft_proj_selector): 0 = h "
-                        "(v1, v2 pretrained/supervised), 1 = v2 finetuned_*; default: 1 if the path names "
-                        "'finetuned', else 0")
+                        "(v1, v2 pretrained, supervised, finetuned_100pct), 1 = v2 finetuned_1pct/10pct (SimCLRv2 "
+                        "paper); default: 1 if the path names 'finetuned' but not 'finetuned_100pct', else 0")
+    p.add_argument("--ema", action="store_true",
+                   help="take every trained variable from its ExponentialMovingAverage copy (checkpoints of runs "
+                        "that kept one); BN moving statistics as stored")
     return p.parse_args(argv)
 
 
@@ -368,7 +449,7 @@ def resolve_prefix(path):
 def main(argv=None):
     args = get_args(argv)
     try:
-        print(convert(resolve_prefix(args.checkpoint), args.out, args.head_layer), flush=True)
+        print(convert(resolve_prefix(args.checkpoint), args.out, args.head_layer, args.ema), flush=True)
     except (ConvertError, OSError) as e:
         sys.exit(f"convert_official.py: error: {e}")
 

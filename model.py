@@ -7,6 +7,8 @@ gamma of each residual block initialised to zero, and a CIFAR stem (3x3 conv,
 stride 1, no max-pool) for 32 px images. At width 1 parameter names and shapes
 are torchvision's, so a torchvision ResNet state dict (minus fc) loads strictly.
 h = f(x) is the representation; z = g(h) only feeds the contrastive loss.
+Also the SimCLRv2 variants of the official code: selective kernels with ResNet-D
+stem and shortcuts (sk_ratio), and its ResNet-18/34 shortcuts (first_group_projection).
 
     encoder = build_encoder("resnet50", width=1)         # (B, 3, H, W) -> (B, 2048)
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim))
@@ -34,17 +36,21 @@ def _conv(cin, cout, kernel, stride=1):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34)."""
+    """Two 3x3 convolutions (ResNet-18/34). projection=True gives it a projection shortcut even
+    where the shape does not change (the official first block of the first group)."""
     expansion = 1
 
-    def __init__(self, cin, planes, stride=1):
+    def __init__(self, cin, planes, stride=1, projection=False, sk_ratio=0.0):
         super().__init__()
+        if sk_ratio > 0:
+            raise ValueError("sk_ratio needs a bottleneck ResNet (resnet50/101/152): the official resnet.py "
+                             "builds no selective-kernel ResNet-18/34")
         self.conv1 = _conv(cin, planes, 3, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv(planes, planes, 3)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(cin, planes, stride)
+        self.downsample = _shortcut(cin, planes, stride, projection)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -53,30 +59,87 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (carries the stride, 'ResNet v1.5') -> 1x1 x4 (ResNet-50/101/152)."""
+    """1x1 -> 3x3 (carries the stride, 'ResNet v1.5') -> 1x1 x4 (ResNet-50/101/152).
+
+    With sk_ratio > 0 (SimCLRv2 "sk1"), the 3x3 convolution and its BN + ReLU become a
+    SelectiveKernel and the projection shortcut is ResNet-D's (official resnet.py,
+    bottleneck_block, lines 431-475)."""
     expansion = 4
 
-    def __init__(self, cin, planes, stride=1):
+    def __init__(self, cin, planes, stride=1, projection=False, sk_ratio=0.0):
         super().__init__()
         self.conv1 = _conv(cin, planes, 1)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv(planes, planes, 3, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.sk = sk_ratio > 0
+        if self.sk:
+            self.conv2 = SelectiveKernel(planes, planes, stride, sk_ratio)  # includes its BN + ReLU
+        else:
+            self.conv2 = _conv(planes, planes, 3, stride)
+            self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = _conv(planes, planes * 4, 1)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(cin, planes * 4, stride)
+        self.downsample = _shortcut(cin, planes * 4, stride, projection, resnet_d=self.sk)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.conv2(out) if self.sk else self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-def _shortcut(cin, cout, stride):
-    if stride == 1 and cin == cout:
+class SelectiveKernel(nn.Module):
+    """The official sk_conv2d (resnet.py lines 280-310; Li et al. 2019, two 3x3 branches).
+
+    One 3x3 convolution to 2f channels (the block's stride) + BN + ReLU, split into two
+    branches a, b of f channels. The attention reads the spatial mean of a + b through a
+    1x1 conv to max(int(f * sk_ratio), 32) channels + BN + ReLU and a 1x1 conv to 2f (no
+    BN, no bias); a softmax over the two branches, per channel, weighs them: out = wa*a + wb*b.
+    """
+
+    def __init__(self, cin, planes, stride, sk_ratio, min_dim=32):
+        super().__init__()
+        mid = max(int(planes * sk_ratio), min_dim)
+        self.conv = _conv(cin, 2 * planes, 3, stride)
+        self.bn = nn.BatchNorm2d(2 * planes)
+        self.fc1 = nn.Conv2d(planes, mid, 1, bias=False)
+        self.fc_bn = nn.BatchNorm2d(mid)
+        self.fc2 = nn.Conv2d(mid, 2 * planes, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        a, b = self.relu(self.bn(self.conv(x))).chunk(2, dim=1)  # 2 x (B, f, H, W)
+        s = (a + b).mean((2, 3), keepdim=True)  # (B, f, 1, 1)
+        logits = self.fc2(self.relu(self.fc_bn(self.fc1(s))))  # (B, 2f, 1, 1): first f for a, last f for b
+        w = torch.stack(logits.chunk(2, dim=1)).softmax(dim=0)  # (2, B, f, 1, 1), softmax over the branches
+        return a * w[0] + b * w[1]
+
+
+class ResNetDPool(nn.Module):
+    """The 2x2 average pool that ResNet-D puts before a projection shortcut's 1x1 convolution
+    (official resnet.py lines 435-445; He et al. 2019, "Bag of Tricks").
+
+    stride 2: pad bottom/right by one zero (fixed_padding with kernel 2), 2x2 'VALID' pool
+    with stride 2, zeros counted (they enter only at odd sizes). stride 1 (the first block
+    of the first group): TF's 2x2 'SAME' pool with stride 1, which pads one row and column
+    after the input and averages only the real pixels there; replicating the last row and
+    column gives the same means (each real edge pixel is counted twice, out of four)."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return F.avg_pool2d(F.pad(x, (0, 1, 0, 1), mode="replicate"), 2, stride=1)
+        return F.avg_pool2d(F.pad(x, (0, 1, 0, 1)), 2, stride=self.stride)
+
+
+def _shortcut(cin, cout, stride, projection=False, resnet_d=False):
+    if stride == 1 and cin == cout and not projection:
         return None
+    if resnet_d:  # pool, then a stride-1 1x1 conv: every input pixel reaches the shortcut
+        return nn.Sequential(ResNetDPool(stride), _conv(cin, cout, 1), nn.BatchNorm2d(cout))
     return nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout))
 
 
@@ -109,7 +172,7 @@ class ResNet(nn.Module):
     """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
 
     def __init__(self, block, layers, width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False,
-                 zero_init_residual=True):
+                 zero_init_residual=True, sk_ratio=0.0, first_group_projection=False):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing  # a run-time choice, not saved in config
         planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
@@ -117,7 +180,13 @@ class ResNet(nn.Module):
             self.conv1 = _conv(3, planes[0], 3)
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = _conv(3, planes[0], 7, stride=2)
+            if sk_ratio > 0:  # ResNet-D stem: three 3x3 convs, 32w, 32w, 64w (official resnet.py lines 575-586)
+                c = max(1, planes[0] // 2)
+                self.conv1 = nn.Sequential(_conv(3, c, 3, stride=2), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                           _conv(c, c, 3), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                           _conv(c, planes[0], 3))
+            else:
+                self.conv1 = _conv(3, planes[0], 7, stride=2)
             self.maxpool = (TFSameMaxPool() if tf_same_pool
                             else nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
         self.bn1 = nn.BatchNorm2d(planes[0])
@@ -126,7 +195,8 @@ class ResNet(nn.Module):
         for i, (p, n) in enumerate(zip(planes, layers)):
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, p, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(cin, p, stride=2 if (i > 0 and j == 0) else 1,
+                                    projection=(j == 0 and first_group_projection), sk_ratio=sk_ratio))
                 cin = p * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -148,15 +218,15 @@ class ResNet(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x):
-        x = self._maybe_checkpoint(self.stem, self.bn1, x)
+        x = self._maybe_checkpoint(self.stem, (self.conv1, self.bn1), x)  # conv1 holds BNs in the ResNet-D stem
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                x = self._maybe_checkpoint(block, block, x)
+                x = self._maybe_checkpoint(block, (block,), x)
         return torch.flatten(self.avgpool(x), 1)
 
-    def _maybe_checkpoint(self, fn, owner, x):
+    def _maybe_checkpoint(self, fn, owners, x):
         """fn(x); with activation checkpointing, only x is kept for the backward pass,
-        which runs fn a second time. `owner` holds fn's BatchNorm layers."""
+        which runs fn a second time. The modules `owners` hold fn's BatchNorm layers."""
         if not (self.activation_checkpointing and torch.is_grad_enabled()):
             return fn(x)
         # The recomputation normalises with the batch statistics again (the same numbers),
@@ -164,16 +234,16 @@ class ResNet(nn.Module):
         # all-gathers the statistics again, inside the backward pass: every rank recomputes
         # the same blocks in the same order, so the collectives stay matched across ranks.
         return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=False,  # no randomness inside
-                          context_fn=lambda: (nullcontext(), frozen_running_stats(owner)))
+                          context_fn=lambda: (nullcontext(), frozen_running_stats(*owners)))
 
 
 @contextmanager
-def frozen_running_stats(module):
-    """BatchNorm layers in `module` (SyncBatchNorm too) normalise as usual, but their
+def frozen_running_stats(*modules):
+    """BatchNorm layers in `modules` (SyncBatchNorm too) normalise as usual, but their
     running_mean, running_var and num_batches_tracked come out untouched: for the time
     being they update scratch copies. (Not passing the buffers at all would change what
     the layer saves for its backward pass, which checkpoint matches by position.)"""
-    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     names = ("running_mean", "running_var", "num_batches_tracked")
     kept = [{n: getattr(m, n) for n in names} for m in layers]
     for m, buffers in zip(layers, kept):
@@ -188,12 +258,22 @@ def frozen_running_stats(module):
 
 
 def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False,
-                  zero_init_residual=True):
+                  zero_init_residual=True, sk_ratio=0.0, first_group_projection=False):
     """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
 
     tf_same_pool=True pads the stem max-pool as TensorFlow's 'SAME' (see
     TFSameMaxPool): the official checkpoints (convert_official.py) need it for
     exact features; the default is torchvision's padding. Parameters are the same.
+
+    sk_ratio > 0 (SimCLRv2 "sk1": 0.0625) builds the official selective-kernel ResNet
+    (bottleneck depths only): ResNet-D stem (three 3x3 convs, in conv1), SelectiveKernel
+    in place of every 3x3 convolution, ResNet-D projection shortcuts. ResNet-50 1x: 35.2M
+    parameters against 23.5M.
+
+    first_group_projection=True gives the first block of the first group a projection
+    shortcut as the official resnet.py does (block_group: use_projection=True in every
+    group's first block). Only ResNet-18/34 change (64w -> 64w at stride 1, where
+    torchvision's has none); bottleneck ResNets have one there anyway.
 
     activation_checkpointing: recompute the activations inside the stem and each residual
     block in the backward pass instead of storing them (exact: same gradients and BN
@@ -210,12 +290,20 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
+    if not 0 <= sk_ratio < 1:
+        raise ValueError(f"sk_ratio must be in [0, 1) (0 = no selective kernels, SimCLRv2 sk1: 0.0625), got {sk_ratio}")
     block, layers = ARCHS[arch]
     encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem, tf_same_pool=tf_same_pool,
-                     activation_checkpointing=activation_checkpointing, zero_init_residual=zero_init_residual)
+                     activation_checkpointing=activation_checkpointing, zero_init_residual=zero_init_residual,
+                     sk_ratio=sk_ratio, first_group_projection=first_group_projection)
     encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
-    if tf_same_pool:  # only then, so configs of the default model stay as before
+    # the options below only when set, so configs of the default model (old checkpoints) stay as before
+    if tf_same_pool:
         encoder.config["tf_same_pool"] = True
+    if sk_ratio > 0:
+        encoder.config["sk_ratio"] = float(sk_ratio)
+    if first_group_projection:
+        encoder.config["first_group_projection"] = True
     return encoder
 
 

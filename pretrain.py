@@ -74,6 +74,9 @@ def get_args(argv=None):
     m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                    help="start the last BN gamma of every residual block at 0 (official); --no-zero-init-residual: "
                         "at 1, as torchvision and lightly")
+    m.add_argument("--sk-ratio", type=float, default=0.0,
+                   help="selective kernels with ResNet-D stem and shortcuts (SimCLRv2 'sk1': 0.0625; "
+                        "resnet50/101/152 only); 0: plain ResNet")
     m.add_argument("--proj-layers", type=int, default=2, help="projection head depth (2: SimCLR v1, 3: v2)")
     m.add_argument("--proj-hidden-dim", type=int, default=None, help="default: the encoder's feature dim")
     m.add_argument("--proj-dim", type=int, default=128, help="output dim of the projection head")
@@ -172,6 +175,9 @@ def get_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature <= 0 or args.width <= 0:
         p.error("--temperature and --width must be positive")
+    if args.sk_ratio and not (0 < args.sk_ratio < 1 and args.arch in ("resnet50", "resnet101", "resnet152")):
+        p.error(f"--sk-ratio {args.sk_ratio:g}: selective kernels need 0 < ratio < 1 (SimCLRv2: 0.0625) and a "
+                "bottleneck --arch (resnet50/101/152); the official code builds no SK ResNet-18/34")
     if args.compile and args.activation_checkpointing:  # dynamo cannot trace checkpoint's custom context_fn
         p.error("--compile and --activation-checkpointing cannot be combined (torch.compile does not trace the "
                 "recomputation's guard of the BN statistics); use one of them")
@@ -320,7 +326,7 @@ def main():
     # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
     torch.manual_seed(args.seed)
     encoder = build_encoder(args.arch, args.width, args.cifar_stem, activation_checkpointing=args.activation_checkpointing,
-                            zero_init_residual=args.zero_init_residual)
+                            zero_init_residual=args.zero_init_residual, sk_ratio=args.sk_ratio)
     head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
     model = SimCLR(encoder, head)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,

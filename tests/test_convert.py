@@ -2,8 +2,10 @@
 SimCLR code (narrow ResNet-50 with the v2 heads) and TensorFlow's own outputs on it, plus
 the variable lists of the released layouts at full size. No TensorFlow needed here:
 tests/fixtures/make_official_fixture.py made the files."""
+import functools
 import gzip
 import json
+import math
 import os
 import shutil
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from convert_official import ConvertError, TFCheckpoint, convert, plan
+from convert_official import ConvertError, TFCheckpoint, convert, default_head_layer, plan
 from model import build_encoder, load_encoder, load_head
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_r50_w0125", "model.ckpt-0")
@@ -24,6 +26,7 @@ def tf_outputs():
     return dict(np.load(FIXTURE + ".outputs.npz"))
 
 
+@functools.lru_cache(maxsize=1)
 def manifests():
     with gzip.open(LAYOUTS, "rt") as f:
         return {name: {n: tuple(s) for n, s in variables} for name, variables in json.load(f).items()}
@@ -75,6 +78,67 @@ def test_converted_network_computes_what_tensorflow_computes(tmp_path, tf_output
     assert ckpt["meta"]["dataset"] == "imagefolder" and ckpt["meta"]["image_size"] == 224
 
 
+SK1 = os.path.join(ROOT, "tests", "fixtures", "official_r50_sk1_w00625", "model.ckpt-0")
+R18 = os.path.join(ROOT, "tests", "fixtures", "official_r18_w025_cifar", "model.ckpt-0")
+
+
+def assert_equal_to_tf(ours, ref, head_layer, suffix=""):
+    ref = dict(ref, logits=ref[f"logits_from_{head_layer}{suffix}"])
+    for k in ("h", "z", "head1", "logits"):  # float32 rounding: TF and PyTorch sum in different orders
+        want = ref[k + suffix] if k != "logits" else ref["logits"]
+        assert max_diff(ours[k], want) < 1e-5 * max(1.0, np.abs(want).max()), (k, max_diff(ours[k], want))
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_selective_kernel_network_computes_what_tensorflow_computes(tmp_path, ema):
+    """ResNet-50 SK at width 1/16 on 74 px images: odd sizes (37, 19, 5) reach the 'SAME' max-pool
+    and both ResNet-D pools; with --ema every trained variable comes from its EMA copy."""
+    ref = dict(np.load(SK1 + ".outputs.npz"))
+    for head_layer in (0, 1):
+        if head_layer == 0:  # the command line once, then in this process (faster)
+            result = run_script(["convert_official.py", SK1, "out.pt", "--head-layer", "0"] + ["--ema"] * ema, tmp_path)
+            assert result.returncode == 0, result.stderr[-2000:]
+        else:
+            convert(SK1, tmp_path / "out.pt", head_layer=head_layer, ema=ema)
+        ours = torch_outputs(tmp_path / "out.pt", ref["images_nhwc"])
+        assert_equal_to_tf(ours, ref, head_layer, "_ema" if ema else "")
+        if ema:  # the averages differ from the weights: the other outputs are far off
+            assert max_diff(ours["h"], ref["h"]) > 1e-2
+    _, ckpt = load_encoder(tmp_path / "out.pt")
+    assert ckpt["encoder_config"] == {"arch": "resnet50", "width": 0.0625, "cifar_stem": False, "tf_same_pool": True,
+                                      "sk_ratio": 0.0625}
+    assert ckpt["head_config"]["in_dim"] == 128 and ckpt["meta"]["ema"] is ema
+
+
+def test_zero_counting_resnet_d_pool_is_what_breaks_equality(tmp_path, monkeypatch):
+    import model
+    convert(SK1, tmp_path / "out.pt")
+    ref = dict(np.load(SK1 + ".outputs.npz"))
+    forward = model.ResNetDPool.forward
+    monkeypatch.setattr(model.ResNetDPool, "forward", lambda self, x: forward(self, x) if self.stride == 2 else
+                        torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), 2, stride=1))
+    assert max_diff(torch_outputs(tmp_path / "out.pt", ref["images_nhwc"])["h"], ref["h"]) > 1e-3
+
+
+def test_official_resnet18_computes_what_tensorflow_computes(tmp_path):
+    """The official ResNet-18 (projection shortcut in the first group too), CIFAR stem, 2-layer head."""
+    ref = dict(np.load(R18 + ".outputs.npz"))
+    for head_layer in (0, 1):
+        convert(R18, tmp_path / "out.pt", head_layer=head_layer)
+        assert_equal_to_tf(torch_outputs(tmp_path / "out.pt", ref["images_nhwc"]), ref, head_layer)
+    _, ckpt = load_encoder(tmp_path / "out.pt")
+    assert ckpt["encoder_config"] == {"arch": "resnet18", "width": 0.25, "cifar_stem": True,
+                                      "first_group_projection": True}
+    assert ckpt["head_config"]["num_layers"] == 2 and "image_size" not in ckpt["meta"]
+
+
+def test_ema_without_averages_of_every_weight_is_one_clear_line(tmp_path):
+    result = run_script(["convert_official.py", FIXTURE, "out.pt", "--ema"], tmp_path)  # EMA of 3 variables only
+    errors = [line for line in result.stderr.splitlines() if "convert_official.py: error:" in line]
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert "have no ExponentialMovingAverage copy" in errors[0] and not (tmp_path / "out.pt").exists()
+
+
 def test_torchvision_max_pool_padding_is_what_breaks_equality(tmp_path, tf_outputs):
     convert(FIXTURE, tmp_path / "out.pt")
     plain = {"arch": "resnet50", "width": 0.125, "cifar_stem": False}  # padding=1 on both sides
@@ -96,13 +160,19 @@ def test_layers_follow_the_official_creation_order_not_sorted_names():
     assert where["head_supervised/linear_layer/dense/bias"] == ("classifier", "bias")
 
 
+RELEASED_V2_SK1 = [f"v2_r{d}_{w}x_sk1" for d in (50, 101, 152) for w in (1, 2)] + ["v2_r152_3x_sk1"]
+
+
 @pytest.mark.parametrize("name", ["v1_r50_1x", "v1_r50_2x", "v1_r50_4x"] + [
-    f"v2_r{d}_{w}x_sk0" for d in (50, 101, 152) for w in (1, 2, 3)])
+    f"v2_r{d}_{w}x_sk0" for d in (50, 101, 152) for w in (1, 2, 3)] + RELEASED_V2_SK1)
 def test_every_released_layout_maps_completely_at_full_size(name):
     shapes = manifests()[name]
     config, head_config, classes, mapping = plan(shapes)
     depth, width = name.split("_")[1][1:], int(name.split("_")[2][0])
-    assert config == {"arch": f"resnet{depth}", "width": width, "cifar_stem": False, "tf_same_pool": True}
+    expected_config = {"arch": f"resnet{depth}", "width": width, "cifar_stem": False, "tf_same_pool": True}
+    if name.endswith("sk1"):
+        expected_config["sk_ratio"] = 0.0625
+    assert config == expected_config
     assert classes == 1000 and len(mapping) == len(shapes)  # every variable used, each once
     assert len({(t, k) for _, t, k, _ in mapping}) == len(mapping)
     if name.startswith("v1"):
@@ -110,21 +180,72 @@ def test_every_released_layout_maps_completely_at_full_size(name):
     else:
         assert head_config == {"in_dim": 2048 * width, "hidden_dim": 2048 * width, "out_dim": 128, "num_layers": 3}
     with torch.device("meta"):
-        expected = {k for k in build_encoder(**config).state_dict() if not k.endswith("num_batches_tracked")}
+        encoder = build_encoder(**config)
+    expected = {k for k in encoder.state_dict() if not k.endswith("num_batches_tracked")}
     assert {k for _, t, k, _ in mapping if t == "encoder"} == expected
+    # the official network's trained variables hold as many numbers as our parameters (the counts
+    # tests/test_model.py checks against the official README)
+    trained = [s for n, s in shapes.items() if n.startswith("base_model/") and not n.endswith("moving_variance")
+               and not n.endswith("moving_mean")]
+    assert sum(math.prod(s) for s in trained) == sum(p.numel() for p in encoder.parameters())
 
 
-def test_selective_kernels_and_unknown_layouts_are_refused():
+def test_selective_kernel_layers_follow_the_official_creation_order():
+    shapes = manifests()["v2_r50_2x_sk1"]
+    _, _, _, mapping = plan(shapes)
+    where = {tf_name: key for tf_name, _, key, _ in mapping}
+    stem = [where[f"base_model/{c}/kernel"] for c in ("conv2d", "conv2d_1", "conv2d_2")]
+    assert stem == ["conv1.0.weight", "conv1.3.weight", "conv1.6.weight"] and shapes["base_model/conv2d/kernel"][3] == 64
+    assert where["base_model/batch_normalization_2/gamma"] == "bn1.weight"  # the stem's third BN
+    first_block = [where[f"base_model/conv2d_{i}/kernel"] for i in range(3, 9)]
+    assert first_block == ["layer1.0.downsample.1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.conv.weight",
+                           "layer1.0.conv2.fc1.weight", "layer1.0.conv2.fc2.weight", "layer1.0.conv3.weight"]
+    assert where["base_model/batch_normalization_6/moving_mean"] == "layer1.0.conv2.fc_bn.running_mean"
+    assert where["base_model/conv2d_9/kernel"] == "layer1.1.conv1.weight"  # no shortcut in the second block
+    # layer4 at 2x: f = 1024, attention width int(1024 * 0.0625) = 64 (above the minimum of 32)
+    assert shapes["base_model/conv2d_84/kernel"] == (1, 1, 1024, 64) and where["base_model/conv2d_84/kernel"] == \
+        "layer4.2.conv2.fc1.weight"
+
+
+@pytest.mark.parametrize("name,arch,cifar", [("official_r18_1x", "resnet18", False), ("official_r34_1x", "resnet34", False),
+                                             ("official_r18_1x_cifar", "resnet18", True)])
+def test_official_resnet18_and_34_layouts_map_completely(name, arch, cifar):
+    shapes = manifests()[name]
+    config, head_config, classes, mapping = plan(shapes)
+    assert config == {"arch": arch, "width": 1, "cifar_stem": cifar, "first_group_projection": True,
+                      **({} if cifar else {"tf_same_pool": True})}
+    assert len(mapping) == len(shapes) and head_config["in_dim"] == 512
+    where = {tf_name: key for tf_name, _, key, _ in mapping}
+    assert where["base_model/conv2d_1/kernel"] == "layer1.0.downsample.0.weight"  # 64 -> 64, stride 1
+    assert shapes["base_model/conv2d_1/kernel"] == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize("path,layer", [
+    ("simclrv2/finetuned_1pct/r50_1x_sk1/model.ckpt-1", 1), ("simclrv2/finetuned_10pct/r152_3x_sk1/model.ckpt-1", 1),
+    ("simclrv2/finetuned_100pct/r50_1x_sk1/model.ckpt-1", 0), ("simclrv2/pretrained/r50_1x_sk1/model.ckpt-1", 0),
+    ("simclrv2/supervised/r50_1x_sk1/model.ckpt-1", 0), ("ResNet50_1x/model.ckpt-225206", 0)])
+def test_default_head_layer_follows_the_release_folder(path, layer):
+    assert default_head_layer(path) == layer  # SimCLRv2 paper: layer 1 for 1% and 10%, h for 100%
+
+
+def test_squeeze_excitation_and_unknown_layouts_are_refused():
     layouts = manifests()
-    with pytest.raises(ConvertError, match="selective-kernel"):
-        plan(layouts["v2_r50_1x_sk1"])
+    with pytest.raises(ConvertError, match="squeeze-and-excitation"):
+        plan(layouts["se_r50_1x"])
     shapes = dict(layouts["v2_r50_1x_sk0"])
-    shapes["base_model/conv2d_7/bias"] = (64,)
-    with pytest.raises(ConvertError, match="unknown layout.*conv2d_7/bias"):
+    shapes["head_contrastive/nl_0/dense/bias"] = (2048,)
+    with pytest.raises(ConvertError, match="unknown layout.*nl_0/dense/bias"):
         plan(shapes)
     shapes = dict(layouts["v2_r50_1x_sk0"])
     shapes["base_model/conv2d_7/kernel"] = (3, 3, 64, 65)
     with pytest.raises(ConvertError, match="conv2d_7/kernel has shape"):
+        plan(shapes)
+    shapes = dict(layouts["v2_r50_1x_sk1"])
+    shapes["base_model/conv2d_6/kernel"] = (1, 1, 64, 48)  # attention of another sk_ratio
+    with pytest.raises(ConvertError, match=r"conv2d_6/kernel has shape.*resnet50 1x SK"):
+        plan(shapes)
+    shapes = {n: s for n, s in layouts["v2_r50_1x_sk1"].items() if "conv2d_86" not in n}  # one conv fewer
+    with pytest.raises(ConvertError, match="86 convolutions in base_model: not an official"):
         plan(shapes)
     with pytest.raises(ConvertError, match="head has 3 layers"):
         plan(layouts["v2_r50_1x_sk0"], head_layer=4)

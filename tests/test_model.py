@@ -176,3 +176,179 @@ def test_head_and_classifier_round_trip(tmp_path):
                  "args": {"proj_hidden_dim": 32, "proj_dim": 16, "proj_layers": 3}}, tmp_path / "ckpt.pt")
     from_full = load_head(tmp_path / "ckpt.pt", load_encoder(tmp_path / "ckpt.pt")[1]).eval()
     torch.testing.assert_close(from_full(h), head(h), rtol=0, atol=0)
+
+
+# SimCLRv2: selective kernels (sk1), ResNet-D stem and shortcuts, the official ResNet-18/34 shortcuts.
+# Trainable parameters of the 13 released v2 encoders as the official TF1 code builds them (the sums of
+# the kernels, gammas and betas of base_model in tests/fixtures/official_layouts.json.gz, which
+# tests/test_convert.py also checks), and the official README's "Param (M)" column, which the
+# load_and_inference colab's count_params shows to count the BN moving statistics too.
+RELEASED_V2 = [  # depth, width, sk, parameters, README Param (M)
+    (50, 1, 0, 23_508_032, 24), (50, 1, 1, 35_215_584, 35), (50, 2, 0, 93_907_072, 94), (50, 2, 1, 140_306_048, 140),
+    (101, 1, 0, 42_500_160, 43), (101, 1, 1, 64_662_304, 65), (101, 2, 0, 169_771_136, 170),
+    (101, 2, 1, 257_132_224, 257), (152, 1, 0, 58_143_808, 58), (152, 1, 1, 88_940_896, 89),
+    (152, 2, 0, 232_253_568, 233), (152, 2, 1, 353_398_528, 354), (152, 3, 1, 794_704_160, 795)]
+
+
+@pytest.mark.parametrize("depth,width,sk,params,readme", RELEASED_V2)
+def test_released_v2_encoders_have_the_official_parameter_counts(depth, width, sk, params, readme):
+    with torch.device("meta"):  # shapes only: ResNet-152 3x SK would take 3.2 GB
+        encoder = build_encoder(f"resnet{depth}", width=width, sk_ratio=0.0625 * sk)
+    stats = sum(b.numel() for k, b in encoder.named_buffers() if k.endswith(("running_mean", "running_var")))
+    assert n_params(encoder) == params and round((params + stats) / 1e6) == readme
+    assert encoder.feature_dim == 2048 * width
+
+
+def test_selective_kernel_encoder_layout_and_config(tmp_path):
+    enc = build_encoder("resnet50", width=0.25, sk_ratio=0.0625)
+    assert enc.config == {"arch": "resnet50", "width": 0.25, "cifar_stem": False, "sk_ratio": 0.0625}
+    assert "sk_ratio" not in build_encoder("resnet50", width=0.25).config  # old configs stay as they were
+    stem = [m for m in enc.conv1 if isinstance(m, torch.nn.Conv2d)]  # ResNet-D: 3x3 convs 32w, 32w, 64w
+    assert [(m.in_channels, m.out_channels, m.stride) for m in stem] == [(3, 8, (2, 2)), (8, 8, (1, 1)), (8, 16, (1, 1))]
+    sk = enc.layer4[0].conv2  # f = 128: 3x3 conv to 2f, attention 1x1 to max(int(f / 16), 32) = 32, 1x1 to 2f
+    assert (sk.conv.out_channels, sk.conv.stride, sk.fc1.out_channels, sk.fc2.out_channels) == (256, (2, 2), 32, 256)
+    assert [type(m).__name__ for m in enc.layer2[0].downsample] == ["ResNetDPool", "Conv2d", "BatchNorm2d"]
+    assert enc.layer2[0].downsample[1].stride == (1, 1) and enc.layer1[0].downsample[0].stride == 1
+    assert enc.layer1[1].downsample is None
+    with torch.device("meta"):
+        assert n_params(build_encoder("resnet50", width=2, sk_ratio=0.0625).layer4[0].conv2.fc1) == 1024 * 64
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_encoder(tmp_path / "sk.pt", enc)
+    loaded, _ = load_encoder(tmp_path / "sk.pt")
+    x = torch.rand(2, 3, 45, 45)  # odd sizes on the way down
+    out = enc.eval()(x)
+    assert out.shape == (2, 512) and torch.equal(loaded.eval()(x), out)
+    with pytest.raises(ValueError, match="bottleneck ResNet"):
+        build_encoder("resnet18", sk_ratio=0.0625)
+    with pytest.raises(ValueError, match=r"sk_ratio must be in \[0, 1\)"):
+        build_encoder("resnet50", sk_ratio=-1)
+
+
+def test_selective_kernel_attention_weighs_the_two_branches():
+    from model import SelectiveKernel
+    torch.manual_seed(0)
+    sk = SelectiveKernel(8, 8, 1, 0.0625).eval()
+    with torch.no_grad():
+        for p in sk.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        sk.bn.running_mean.normal_()
+        sk.fc_bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 8, 5, 5)
+    with torch.no_grad():
+        out = sk(x)
+        # written out channel by channel: the weights of the two branches sum to 1 per (image, channel)
+        u = torch.relu(sk.bn(sk.conv(x)))
+        a, b = u[:, :8], u[:, 8:]
+        s = (a + b).mean((2, 3))  # (3, 8)
+        t = torch.relu(sk.fc_bn(torch.nn.functional.linear(s, sk.fc1.weight[:, :, 0, 0])[..., None, None]))
+        logits = torch.nn.functional.linear(t[:, :, 0, 0], sk.fc2.weight[:, :, 0, 0])  # (3, 16)
+        wa = 1 / (1 + torch.exp(logits[:, 8:] - logits[:, :8]))  # softmax of two = a logistic of the difference
+        ref = a * wa[..., None, None] + b * (1 - wa)[..., None, None]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert 0.01 < wa.min() and wa.max() < 0.99 and wa.std() > 0.1  # both branches matter, weights differ
+
+
+@pytest.mark.parametrize("size", [5, 6, 13])
+def test_resnet_d_shortcut_pools_as_tensorflow(size):
+    from model import ResNetDPool
+    x = torch.randn(2, 3, size, size)
+    # stride 1, TF 'SAME' 2x2: the mean of the real pixels in each window (one row/column padded after)
+    ref = torch.empty_like(x)
+    for i in range(size):
+        for j in range(size):
+            ref[..., i, j] = x[..., i:i + 2, j:j + 2].mean((-2, -1))  # slicing drops what lies outside
+    torch.testing.assert_close(ResNetDPool(1)(x), ref, rtol=1e-6, atol=1e-6)
+    # stride 2: a zero row and column after the input (official fixed_padding), then 'VALID' windows of 4
+    padded = torch.zeros(2, 3, size + 1, size + 1)
+    padded[..., :size, :size] = x
+    n = size // 2 + (size % 2)  # (size + 1 - 2) // 2 + 1
+    ref2 = torch.stack([torch.stack([padded[..., 2 * i:2 * i + 2, 2 * j:2 * j + 2].sum((-2, -1)) / 4
+                                     for j in range(n)], -1) for i in range(n)], -2)
+    torch.testing.assert_close(ResNetDPool(2)(x), ref2, rtol=1e-6, atol=1e-6)
+
+
+def test_official_resnet18_shortcuts():
+    enc = build_encoder("resnet18", first_group_projection=True)
+    assert enc.config["first_group_projection"] is True
+    assert enc.layer1[0].downsample is not None and enc.layer1[1].downsample is None  # 64 -> 64 at stride 1
+    assert n_params(enc) == 11_176_512 + 64 * 64 + 2 * 64  # torchvision's + the 1x1 conv and its BN
+    assert "first_group_projection" not in build_encoder("resnet18").config
+    assert build_encoder("resnet18").layer1[0].downsample is None  # torchvision's, still the default
+    with torch.device("meta"):  # bottleneck ResNets project there anyway
+        assert n_params(build_encoder("resnet50", first_group_projection=True)) == 23_508_032
+
+
+def _sk_model(checkpointing):
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet50", width=0.125, sk_ratio=0.0625, activation_checkpointing=checkpointing)
+    model = SimCLR(encoder, ProjectionHead(encoder.feature_dim, out_dim=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_activation_checkpointing_is_exact_with_selective_kernels(sync_bn):
+    from checkpointing_worker import batches, two_steps
+    from test_checkpointing import assert_same_steps
+    views = batches(8)
+    results = []
+    for checkpointing in (False, True):
+        model = _sk_model(checkpointing)
+        if sync_bn:  # the class is what is tested: every SK and ResNet-D BN is converted
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            assert not any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+        results.append(two_steps(model, views))
+    buffers = results[0][0][1]["buffers"]
+    # the ResNet-D stem's BNs live in conv1: updated once per step, not again in the recomputation
+    assert buffers["encoder.conv1.1.num_batches_tracked"] == buffers["encoder.layer4.0.conv2.fc_bn.num_batches_tracked"] == 2
+    assert_same_steps(*results)
+
+
+def test_channels_last_gives_the_same_selective_kernel_network():
+    model = _sk_model(False)
+    x = torch.rand(4, 3, 40, 40)
+    rh, rz = torch.randn(4, model.encoder.feature_dim), torch.randn(4, 16)  # (a plain sum would be ~0 after BN)
+    h, z = model(x)
+    ((h * rh).sum() + (z * rz).sum()).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model = model.to(memory_format=torch.channels_last)
+    h2, z2 = model(x.to(memory_format=torch.channels_last))
+    ((h2 * rh).sum() + (z2 * rz).sum()).backward()
+    torch.testing.assert_close(h2, h, rtol=1e-4, atol=1e-5)
+    assert len(grads) > 200
+    for k, p in model.named_parameters():
+        if k in grads:  # float32 sums in another order: compare whole tensors
+            assert (p.grad - grads[k]).norm() <= 1e-4 * grads[k].norm(), k
+
+
+SK_TINY = ["--dataset", "synthetic", "--arch", "resnet50", "--width", "0.125", "--sk-ratio", "0.0625",
+           "--no-cifar-stem", "--proj-layers", "3", "--synthetic-size", "32", "--batch-size", "16", "--log-every", "1",
+           "--warmup-epochs", "1", "--workers", "0", "--knn-every", "0"]
+
+
+def test_pretrain_with_selective_kernels_resumes_exactly_and_runs_under_torchrun(run, tmp_path, capsys):
+    run("pretrain.py", *SK_TINY, "--epochs", "2", "--out", "straight")
+    run("pretrain.py", *SK_TINY, "--epochs", "1", "--out", "resumed")  # warmup = epoch 1: the same learning rates
+    result = run("pretrain.py", *SK_TINY, "--epochs", "2", "--out", "resumed", "--resume")
+    assert "resumed from" in result.stdout
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["encoder_config"]["sk_ratio"] == 0.0625 and a["epoch"] == b["epoch"] == 2
+    assert any(".conv2.fc1." in k for k in a["model"]) and any(k.startswith("encoder.conv1.3.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise
+    encoder, _ = load_encoder(tmp_path / "resumed" / "encoder.pt")
+    assert encoder.config == a["encoder_config"] and encoder.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 256)
+    run("pretrain.py", *SK_TINY, "--epochs", "1", "--out", "ddp", torchrun=2)
+    assert torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["encoder_config"]["sk_ratio"] == 0.0625
+    import pretrain
+    with pytest.raises(SystemExit) as bad:
+        pretrain.get_args([*SK_TINY[:2], "--arch", "resnet18", "--sk-ratio", "0.0625"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert bad.value.code == 2 and len(errors) == 1 and "bottleneck --arch (resnet50/101/152)" in errors[0]
