@@ -5,7 +5,8 @@ into --data-dir when the network allows; the two grayscale sets are given as RGB
 images of three equal channels), imagefolder is the ImageNet layout (DIR/train/CLASS/*,
 DIR/val/CLASS/*), and synthetic is a labelled set of generated images
 (textures and shapes, no download) for trying the pipeline offline.
-build_dataset returns (PIL image, label) pairs; SeededTransform applies a
+build_dataset returns (image, label) pairs, the image a PIL image, or for imagefolder
+a uint8 (3, H, W) tensor (load_image: JPEGs decoded straight into a tensor); SeededTransform applies a
 transform whose randomness is fixed by (seed, epoch, index), so the views do
 not depend on the number of workers or processes and a resumed run sees
 exactly the views it would have seen. Unreadable images are skipped and
@@ -22,6 +23,8 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+
+import augment
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "imagefolder", "synthetic")
@@ -217,6 +220,20 @@ class GrayAsRGB(Dataset):
         return img.convert("RGB"), label
 
 
+def load_image(path):
+    """An image file as uint8 (3, H, W) RGB (channels-last), what the views are made from.
+    JPEGs are decoded by torchvision's libjpeg-turbo into a tensor directly (the same pixels as
+    PIL's, and faster end to end: PIL's decode is about as fast, but its pixels then cost a
+    copy out of PIL); other formats, and JPEGs that decoder refuses, by PIL, whose error (for
+    a file neither can read) says why."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:3] == augment.JPEG_MAGIC:
+        return augment.decode(data)
+    with Image.open(path) as img:
+        return augment.pixels(img).permute(2, 0, 1)
+
+
 def _image_folder(data_dir, sub):
     from torchvision.datasets import ImageFolder
     root = os.path.join(data_dir, sub)
@@ -224,7 +241,7 @@ def _image_folder(data_dir, sub):
         raise DataError(f"{root} is not a directory; --data-dir must hold the ImageNet layout "
                         f"{sub}/CLASS/IMAGE (e.g. {os.path.join(root, 'n01440764', 'x.JPEG')})")
     try:
-        return ImageFolder(root)
+        return ImageFolder(root, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
 

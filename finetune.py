@@ -46,7 +46,7 @@ from torch.utils.data import Subset
 import data
 from augment import EvalTransform
 from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, grad_scaler, rank0_first, resolve_amp, run, setup
-from features import Progress, extract_features, topk_accuracy
+from features import Progress, extract_features, to_device, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
 
@@ -230,9 +230,7 @@ def main():
             lr = warmup_cosine(step, total_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = to_device(x, device, args.channels_last), y.to(device, non_blocking=True)  # x: uint8 -> float there
             with torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)

@@ -49,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from augment import EvalTransform
 from distributed import AMP_DTYPES, add_amp_flags, all_sum, fail, rank0_first, resolve_amp, run, setup
-from features import Progress, extract_features, feature_batches, knn_accuracy, topk_accuracy
+from features import Progress, extract_features, feature_batches, knn_accuracy, to_device, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
 
@@ -290,9 +290,7 @@ def main():
         else:
             train_loader.sampler.set_epoch(epoch)
             for x, y, _ in train_loader:
-                x = x.to(device, non_blocking=True)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = to_device(x, device, args.channels_last)  # uint8 over the bus, float on the device
                 with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES[args.amp],
                                                      enabled=args.amp != "off"):
                     h = encoder(x)
