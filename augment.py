@@ -263,7 +263,7 @@ def decode(data):
     if data[:3] == JPEG_MAGIC:
         try:
             return _decode_jpeg(data)
-        except (ImportError, RuntimeError):  # no decoder in this torchvision, or a JPEG it refuses
+        except (ImportError, AttributeError, RuntimeError):  # no decoder in this torchvision, or a JPEG it refuses
             pass
     from PIL import Image
     with Image.open(io.BytesIO(data)) as img:
@@ -271,10 +271,11 @@ def decode(data):
 
 
 def _decode_jpeg(data):
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    from torchvision.io import ImageReadMode  # (loads torchvision's image extension, which registers the op)
+    # The registered op itself (the same schema in torchvision 0.16-0.29): the Python wrapper
+    # adds usage logging and, from 0.29 (which deprecates it for torchcodec), a warning per call,
+    # 3% of a decode here. A torchvision without it raises, and PIL decodes instead.
+    return torch.ops.image.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB.value, False)
 
 
 def _tensor(img):
@@ -306,8 +307,8 @@ def resized_crop(hwc, box, size, flip=False):
     -> a new contiguous uint8 (3, size, size)."""
     top, left, h, w = box
     crop = hwc[top:top + h, left:left + w].unsqueeze(0).permute(0, 3, 1, 2)  # (1, 3, h, w), channels-last view
-    if (h, w) != (size, size):
-        crop = _resize(crop.contiguous(memory_format=torch.channels_last), size)  # (a crop's copy: the kernel's input)
+    if (h, w) != (size, size):  # (torch's generic kernel reads the view; its AVX2 one copies it to channels-last)
+        crop = _resize(crop, size)
     out = crop[0].permute(1, 2, 0).numpy()  # (size, size, 3)
     if flip:
         out = out[:, ::-1]
@@ -316,7 +317,7 @@ def resized_crop(hwc, box, size, flip=False):
 
 
 def _resize(x, size):
-    """(1, 3, h, w) uint8 channels-last -> (1, 3, size, size) uint8, antialiased bicubic."""
+    """(1, 3, h, w) uint8 (a channels-last view) -> (1, 3, size, size) uint8, antialiased bicubic."""
     if UINT8_BICUBIC:
         return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
     # torch without the uint8 kernel: the same filter in float32, rounded once (no rounding
