@@ -448,6 +448,30 @@ def check_shared_memory(workers, batch_bytes, path=SHM):
                         f"{max(1, -(-need * 2 // 2**30))}g, or --ipc=host), or use --workers {fits} or fewer")
 
 
+def _is_image(x):
+    return isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 3 and x.shape[0] == 3
+
+
+def _rows(sample):
+    if isinstance(sample, (tuple, list)):
+        return type(sample)(_rows(v) for v in sample)
+    return sample.permute(1, 2, 0) if _is_image(sample) else sample
+
+
+def _channels_first(batch, like):
+    if isinstance(like, (tuple, list)):
+        return type(batch)(_channels_first(b, v) for b, v in zip(batch, like))
+    return batch.permute(0, 3, 1, 2) if _is_image(like) else batch
+
+
+def collate(samples):
+    """default_collate, except that uint8 images (3, H, W) are stacked as their (H, W, 3) pixels
+    and come out as a channels_last (B, 3, H, W) batch: the views are channels-last already, so
+    this is a plain copy (into shared memory in a worker), where stacking them as (B, 3, H, W)
+    rows would transpose every image on the CPU. The device converts or transposes the batch."""
+    return _channels_first(torch.utils.data.default_collate([_rows(s) for s in samples]), samples[0])
+
+
 def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pin_memory=False):
     """DataLoader over this rank's share of a SeededTransform; batch_size is per rank.
 
@@ -455,8 +479,9 @@ def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pi
     epoch) and the last incomplete batch dropped, so every rank runs the same
     number of equal steps. Otherwise in order and nothing dropped; with several
     ranks DistributedSampler pads the last batch by repeating a few samples.
+    Image batches are uint8 channels_last (collate).
     """
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler), num_workers=workers,
-                      pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
                       worker_init_fn=_worker_init)

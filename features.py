@@ -70,11 +70,11 @@ def to_device(x, device, channels_last=False):
     """A batch of images on `device` as float32 in [0, 1]. A uint8 batch (what the evaluation
     transforms and the views make) is copied as uint8, a quarter of float32's bytes, from the
     loader's pinned memory without waiting (non_blocking), and converted there, into
-    channels_last in the same pass if asked; a float batch is only moved."""
+    channels_last or the plain layout in the same pass; a float batch is moved (and laid out)."""
     x = x.to(device, non_blocking=True)
-    layout = torch.channels_last if channels_last else torch.preserve_format
+    layout = torch.channels_last if channels_last else torch.contiguous_format  # (the views come channels-last)
     if x.is_floating_point():
-        return x.contiguous(memory_format=layout) if channels_last else x
+        return x.contiguous(memory_format=layout)
     return x.to(torch.float32, memory_format=layout).div_(255.0)
 
 

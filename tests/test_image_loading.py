@@ -66,3 +66,21 @@ def test_uint8_batches_become_float_on_the_device():
     f = torch.rand(2, 3, 4, 4)
     assert to_device(f, torch.device("cpu")) is f  # a float batch is only moved
     assert to_device(f, torch.device("cpu"), channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_batches_are_the_stacked_views_in_channels_last(tmp_path, workers):
+    """collate stacks the channels-last views by their pixels: the batch equals stacking them
+    as they are, and labels and flags collate as default_collate does."""
+    write_folder(tmp_path)
+    folder = data.build_dataset("imagefolder", str(tmp_path), "train")
+    views = data.SeededTransform(folder, SimCLRViews(24, blur=False).crops, seed=3)
+    loader = data.make_loader(views, 7, train=False, workers=workers)
+    (x1, x2), labels, unreadable = next(iter(loader))
+    for i, x in enumerate((x1, x2)):
+        assert x.shape == (7, 3, 24, 24) and x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, torch.stack([views[(0, j)][0][i] for j in range(7)]))
+    assert labels.tolist() == [y for _, y in folder.samples] and unreadable.tolist() == [0] * 7
+    plain = data.make_loader(data.SeededTransform(folder, EvalTransform(16, train=False)), 7, train=False, workers=0)
+    x, _, _ = next(iter(plain))
+    assert torch.equal(to_device(x, torch.device("cpu")), torch.stack([EvalTransform(16, False)(folder[j][0]) for j in range(7)]) / 255)
