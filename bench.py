@@ -126,7 +126,8 @@ def make_jpegs(n, seed=0, size=(500, 375)):
 
 
 class Jpegs(Dataset):
-    """Encoded JPEGs in memory, decoded on access: (PIL image, 0)."""
+    """Encoded JPEGs in memory, decoded on access as the image folders decode them (data.load_image):
+    (uint8 (3, H, W), 0)."""
 
     def __init__(self, blobs):
         self.blobs = blobs
@@ -135,7 +136,7 @@ class Jpegs(Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i):
-        return Image.open(io.BytesIO(self.blobs[i])).convert("RGB"), 0
+        return augment.decode(self.blobs[i]), 0
 
 
 def torchvision_pipeline(size=224):
