@@ -304,8 +304,8 @@ def resized_crop(hwc, box, size, flip=False):
     """The box (top, left, h, w) of uint8 pixels (H, W, 3), resized to (size, size) with
     antialiased bicubic interpolation (PIL's filter, a = -0.5, support scaled when
     downscaling, and its fixed-point arithmetic), flipped left-right if flip -> a new uint8
-    (3, size, size) in channels-last layout (a view of its (size, size, 3) pixels: batches of
-    them are stacked by a plain copy, data.collate, and transposed on the device if at all)."""
+    (3, size, size) in channels-last layout, a view of its (size, size, 3) pixels: a batch of
+    them stacks by a plain copy of those (data.collate) and is transposed where it is used."""
     top, left, h, w = box
     crop = hwc[top:top + h, left:left + w].unsqueeze(0).permute(0, 3, 1, 2)  # (1, 3, h, w), channels-last view
     if (h, w) != (size, size):  # (torch's generic kernel reads the view; its AVX2 one copies it to channels-last)
