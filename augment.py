@@ -6,9 +6,11 @@ mean/std normalisation.
 
 The work is split in two stages so that the expensive part can run in batches
 wherever the images live:
-  CropFlip    per image, on a PIL image or uint8 tensor -> uint8 (3, size, size);
-              the crop box drawn as TensorFlow draws it for the official code, or
-              area-uniform as torchvision (crop_sampler="inception")
+  CropFlip    per image, on a PIL image, a uint8 tensor or JPEG bytes -> uint8
+              (3, size, size): the crop box drawn as TensorFlow draws it for the
+              official code, or area-uniform as torchvision (crop_sampler="inception"),
+              resized by torch's uint8 antialiased bicubic kernel on channels-last
+              pixels (PIL's filter and arithmetic, several times faster than PIL)
   distort     per batch, float (B, 3, size, size) in [0, 1], any device: colour
               jitter (p=0.8, the four operations in a random order per image),
               grayscale (p=0.2), Gaussian blur (p=0.5), each image drawing its
@@ -18,13 +20,14 @@ wherever the images live:
     views = SimCLRViews(224)            # CIFAR: SimCLRViews(32, strength=0.5, blur=False)
     x1, x2 = views(pil_image)           # two float (3, 224, 224) tensors in [0, 1]
 """
+import io
 import math
 import struct
+import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601-2 luma, as tf.image.rgb_to_grayscale
 
@@ -233,17 +236,93 @@ def distort(x, strength=1.0, blur=True, generator=None):
 
 
 # ----------------------------------------------------------------------------
-# Per-image geometric stage.
+# Per-image geometric stage, on uint8 pixels in channels-last layout: the layout JPEG
+# decoders produce and the one torch's uint8 antialiased bicubic kernel runs fastest on.
 
-def _rgb(img):
-    """PIL images in any mode (grayscale, palette, CMYK, RGBA) -> RGB; tensors pass."""
-    if isinstance(img, torch.Tensor) or img.mode == "RGB":
-        return img
-    return img.convert("RGB")
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _to_uint8_tensor(img):
-    return img if isinstance(img, torch.Tensor) else TF.pil_to_tensor(img)
+def _uint8_bicubic_works():
+    """Whether F.interpolate takes uint8 for antialiased bicubic (torch >= 2.1; a port of
+    PIL's fixed-point resampling, AVX2-vectorised where torch dispatches AVX2)."""
+    try:
+        F.interpolate(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), size=(2, 2), mode="bicubic", antialias=True)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+UINT8_BICUBIC = _uint8_bicubic_works()
+
+
+def decode(data):
+    """Encoded image bytes -> uint8 (3, H, W) RGB tensor, a channels-last view of the decoder's
+    own (H, W, 3) buffer. JPEGs go through torchvision's libjpeg-turbo decoder (the same pixels
+    as PIL's; no copy into numpy afterwards), anything else and JPEGs it refuses through PIL."""
+    data = bytearray(data)  # writable: torch.frombuffer warns on read-only buffers
+    if data[:3] == JPEG_MAGIC:
+        try:
+            return _decode_jpeg(data)
+        except (ImportError, AttributeError, RuntimeError):  # no decoder in this torchvision, or a JPEG it refuses
+            pass
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as img:
+        return _tensor(img)
+
+
+def _decode_jpeg(data):
+    from torchvision.io import ImageReadMode  # (loads torchvision's image extension, which registers the op)
+    # The registered op itself (the same schema in torchvision 0.16-0.29): the Python wrapper
+    # adds usage logging and, from 0.29 (which deprecates it for torchcodec), a warning per call,
+    # 3% of a decode here. A torchvision without it raises, and PIL decodes instead.
+    return torch.ops.image.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB.value, False)
+
+
+def _tensor(img):
+    """A PIL image (any mode: grayscale, palette, CMYK, RGBA -> RGB) as uint8 (3, H, W) in
+    channels-last layout; one copy, PIL's export of its pixels."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    with warnings.catch_warnings():  # the array is read-only (PIL's bytes) and is never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+
+
+def pixels(img):
+    """The image a view is made from, as uint8 (H, W, 3) (a view, no copy when it can be):
+    from a PIL image, a uint8 (3, H, W) or (1, H, W) tensor in any layout, or encoded bytes."""
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        img = decode(img)
+    elif not isinstance(img, torch.Tensor):
+        img = _tensor(img)
+    if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"expected a uint8 image (3, H, W) or (1, H, W), got {tuple(img.shape)} {img.dtype}")
+    return img.expand(3, -1, -1).permute(1, 2, 0)
+
+
+def resized_crop(hwc, box, size, flip=False):
+    """The box (top, left, h, w) of uint8 pixels (H, W, 3), resized to (size, size) with
+    antialiased bicubic interpolation (PIL's filter, a = -0.5, support scaled when
+    downscaling, and its fixed-point arithmetic), flipped left-right if flip -> a new uint8
+    (3, size, size) in channels-last layout, a view of its (size, size, 3) pixels: a batch of
+    them stacks by a plain copy of those (data.collate) and is transposed where it is used."""
+    top, left, h, w = box
+    crop = hwc[top:top + h, left:left + w].unsqueeze(0).permute(0, 3, 1, 2)  # (1, 3, h, w), channels-last view
+    if (h, w) != (size, size):  # (torch's generic kernel reads the view; its AVX2 one copies it to channels-last)
+        out = _resize(crop, size)
+    else:
+        out = crop.clone(memory_format=torch.channels_last)  # never a view of the caller's image
+    return (out.flip(-1) if flip else out)[0]
+
+
+def _resize(x, size):
+    """(1, 3, h, w) uint8 (a channels-last view) -> (1, 3, size, size) uint8, antialiased bicubic."""
+    if UINT8_BICUBIC:
+        return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+    # torch without the uint8 kernel: the same filter in float32, rounded once (no rounding
+    # between the horizontal and vertical passes, so within a level of the uint8 result)
+    y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 CROP_SAMPLERS = ("official", "inception")
@@ -354,9 +433,10 @@ def random_resized_crop_params(height, width, scale, ratio, generator=None, atte
 
 
 class CropFlip:
-    """Random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) and horizontal
-    flip (p = 0.5), on a PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size).
-    crop_sampler: "official" (TensorFlow's, as the official code) or "inception" (area-uniform)."""
+    """Random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) and horizontal flip
+    (p = 0.5) -> uint8 (3, size, size), from a PIL image, a uint8 (3, H, W) tensor or
+    encoded JPEG bytes (see pixels). crop_sampler: "official" (TensorFlow's, as the
+    official code) or "inception" (area-uniform). Each call draws the box, then the flip."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_sampler="official"):
         if crop_sampler not in CROP_SAMPLERS:
@@ -364,15 +444,14 @@ class CropFlip:
         self.size, self.scale, self.ratio, self.crop_sampler = size, scale, ratio, crop_sampler
 
     def __call__(self, img, generator=None):
-        img = _rgb(img)
-        _, height, width = TF.get_dimensions(img)
-        top, left, h, w = random_resized_crop_params(height, width, self.scale, self.ratio, generator,
-                                                     sampler=self.crop_sampler)
-        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
-        if torch.rand(1, generator=generator).item() < 0.5:
-            img = TF.hflip(img)
-        return _to_uint8_tensor(img)
+        return self.crop(pixels(img), generator)
+
+    def crop(self, hwc, generator=None):
+        """One crop + flip of pixels (H, W, 3) uint8 (from pixels())."""
+        height, width = hwc.shape[:2]
+        box = random_resized_crop_params(height, width, self.scale, self.ratio, generator, sampler=self.crop_sampler)
+        flip = torch.rand(1, generator=generator).item() < 0.5
+        return resized_crop(hwc, box, self.size, flip)
 
     def __repr__(self):
         return f"CropFlip(size={self.size}, crop_sampler={self.crop_sampler!r})"
@@ -392,12 +471,16 @@ class SimCLRViews:
         self.crop_flip = CropFlip(size, crop_sampler=crop_sampler)
 
     def crops(self, img, generator=None):
-        """The per-image stage alone: two independent crop + flips, uint8 (3, size, size) each.
-        The device path runs these in the data workers and distort() on the batch."""
-        return self.crop_flip(img, generator), self.crop_flip(img, generator)
+        """The per-image stage alone: two independent crop + flips, uint8 (3, size, size) each,
+        of one decoded image. The device path runs these in the data workers and distort() on
+        the batch."""
+        hwc = pixels(img)
+        return self.crop_flip.crop(hwc, generator), self.crop_flip.crop(hwc, generator)
 
     def __call__(self, img, generator=None):
-        pair = torch.stack(self.crops(img, generator)).float().div_(255.0)  # (2, 3, size, size)
+        rows = torch.stack([c.permute(1, 2, 0) for c in self.crops(img, generator)])  # (2, size, size, 3)
+        # one pass to float in (2, 3, size, size) layout, the one the distortion runs fastest on here
+        pair = rows.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         x1, x2 = distort(pair, self.strength, self.blur, generator).unbind(0)
         return x1, x2
 
@@ -411,18 +494,17 @@ class SimCLRViews:
 
 def center_crop_resize(img, size, fraction=0.875):
     """Square centre crop of `fraction` of the shorter side, then bicubic resize
-    (official center_crop, CROP_PROPORTION = 0.875)."""
-    _, h, w = TF.get_dimensions(img)
+    (official center_crop, CROP_PROPORTION = 0.875) -> uint8 (3, size, size)."""
+    hwc = pixels(img)
+    h, w = hwc.shape[:2]
     side = int(round(fraction * min(h, w)))
-    if side != h or side != w:
-        img = TF.center_crop(img, [side, side])
-    if side != size:
-        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return img
+    box = (int(round((h - side) / 2.0)), int(round((w - side) / 2.0)), side, side)  # torchvision's centre
+    return resized_crop(hwc, box, size)
 
 
 class EvalTransform:
-    """Linear-eval / fine-tune transform -> float (3, size, size) in [0, 1].
+    """Linear-eval / fine-tune transform -> uint8 (3, size, size), as the views; the
+    batch becomes float in [0, 1] on the device (features.to_device).
 
     train: random resized crop + flip only (no colour, no blur).
     test:  centre crop of 87.5% + resize; at 32 px and below no crop (official).
@@ -433,12 +515,9 @@ class EvalTransform:
         self.crop_flip = CropFlip(size)
 
     def __call__(self, img, generator=None):
-        img = _rgb(img)
         if self.train:
-            x = self.crop_flip(img, generator)
-        else:
-            x = _to_uint8_tensor(center_crop_resize(img, self.size, 1.0 if self.size <= 32 else 0.875))
-        return x.float().div_(255.0)
+            return self.crop_flip(img, generator)
+        return center_crop_resize(img, self.size, 1.0 if self.size <= 32 else 0.875)
 
     def __repr__(self):
         return f"EvalTransform(size={self.size}, train={self.train})"
@@ -478,7 +557,7 @@ def main(argv=None):
                 img = f.convert("RGB")
         except OSError as e:
             p.error(f"cannot read {path}: {e}")
-        tiles.append(_to_uint8_tensor(center_crop_resize(img, args.image_size, fraction=1.0)).float() / 255.0)
+        tiles.append(center_crop_resize(img, args.image_size, fraction=1.0).float() / 255.0)  # uint8 (3, size, size)
         for _ in range(args.pairs):
             tiles.extend(views(img, generator))
     save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)

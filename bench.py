@@ -13,13 +13,16 @@ the others go on; --json is rewritten after each section.
 
 Sections (every number of a section comes from one run, so ratios are fair on
 a noisy machine):
-  views  views/s per CPU core (one process, one thread) of the standard torchvision
-         SimCLR pipeline (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
-         23x23 GaussianBlur p=0.5, ToTensor) and of ours (augment.SimCLRViews: crop +
-         flip in PIL, colour and separable blur as tensor ops), on the same in-memory
-         JPEG images with decoding; repeats interleaved, medians, and the ratio. Time is
-         the thread's CPU time, so other processes on a shared machine do not count.
-         --views-baseline FILE adds the SimCLRViews of another augment.py (before/after).
+  views  per image (two 224 px views) and per CPU core (one process, one thread, the thread's
+         CPU time, so other processes on a shared machine do not count), on the same in-memory
+         500x375 JPEGs, decoded each time; repeats interleaved, medians: the decode alone (PIL's,
+         and torchvision's decode_jpeg, which ours uses: the limit), the GPU path's CPU share
+         (decode + two crop + resize + flips into uint8, what --distort-on device workers do),
+         whole views on the CPU (--distort-on workers: augment.SimCLRViews), and the standard
+         torchvision pipeline (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
+         23x23 GaussianBlur p=0.5, ToTensor, on PIL's decode); each as a multiple of the decode,
+         and torchvision's cost over ours. --views-baseline FILE adds the SimCLRViews of another
+         augment.py (before/after; it gets PIL's decode).
   step   images/s of pretraining steps (pretrain.py's own step functions, LARS, fp16's loss scaler):
          (a) on batches already on the device: the ceiling; (b) with data workers
          making whole views (--distort-on workers); (c) with workers only decoding,
@@ -57,6 +60,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+import augment
 import data
 from augment import SimCLRViews
 from lars import LARS
@@ -122,7 +126,8 @@ def make_jpegs(n, seed=0, size=(500, 375)):
 
 
 class Jpegs(Dataset):
-    """Encoded JPEGs in memory, decoded on access: (PIL image, 0)."""
+    """Encoded JPEGs in memory, decoded on access as the image folders decode them (data.load_image):
+    (uint8 (3, H, W), 0)."""
 
     def __init__(self, blobs):
         self.blobs = blobs
@@ -131,7 +136,7 @@ class Jpegs(Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i):
-        return Image.open(io.BytesIO(self.blobs[i])).convert("RGB"), 0
+        return augment.decode(self.blobs[i]), 0
 
 
 def torchvision_pipeline(size=224):
@@ -146,43 +151,71 @@ def torchvision_pipeline(size=224):
 # ----------------------------------------------------------------------------
 
 def bench_views(args):
+    """Per image (two views), thread CPU time, one thread: the decode alone (the limit), the GPU
+    path's CPU share (decode + two crop + flips: what --distort-on device workers do), whole views
+    (--distort-on workers), and the torchvision pipeline, each on the same in-memory JPEGs."""
     torch.set_num_threads(1)
     blobs = make_jpegs(args.view_images)
     standard, ours = torchvision_pipeline(224), SimCLRViews(224)
-    pipelines = {"torchvision": lambda img: (standard(img), standard(img)), "ours": ours,
-                 "ours, crop + flip only": ours.crops}
-    if args.views_baseline:  # another augment.py (e.g. an earlier commit's), timed in the same rounds
+
+    def pil(blob):
+        return Image.open(io.BytesIO(blob)).convert("RGB")  # what ImageFolder's default loader does
+
+    pipelines = {  # name: (what one image costs, views it makes)
+        "decode, PIL (open + RGB)": (pil, 0),
+        "decode, torchvision decode_jpeg": (augment.decode, 0),
+        "GPU path: decode + crop + flip": (ours.crops, 2),
+        "GPU path from PIL: PIL decode + crop + flip": (lambda blob: ours.crops(pil(blob)), 2),
+        "CPU path: whole views": (ours, 2),
+        "torchvision pipeline": (lambda blob: _two(standard, pil(blob)), 2),  # one decode, two views
+    }
+    if args.views_baseline:  # another augment.py (e.g. an earlier commit's, on PIL images), in the same rounds
         spec = importlib.util.spec_from_file_location("augment_baseline", args.views_baseline)
         baseline = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
-        pipelines["baseline"] = baseline.SimCLRViews(224)
-        pipelines["baseline, crop + flip only"] = pipelines["baseline"].crops
-    rates = {name: [] for name in pipelines}
-    for name, fn in pipelines.items():  # warm-up
-        fn(Image.open(io.BytesIO(blobs[0])).convert("RGB"))
+        base_views = baseline.SimCLRViews(224)
+        pipelines["baseline: whole views"] = (lambda blob: base_views(pil(blob)), 2)
+        pipelines["baseline: decode + crop + flip"] = (lambda blob: base_views.crops(pil(blob)), 2)
+    seconds = {name: [] for name in pipelines}
+    for fn, _ in pipelines.values():  # warm-up
+        fn(blobs[0])
     for _ in range(args.rounds):
-        for name, fn in pipelines.items():
+        for name, (fn, _) in pipelines.items():
             # CPU time of this thread, not wall time: on a shared machine other processes would
             # otherwise count against whichever pipeline runs while they do
             t = time.thread_time()
             for blob in blobs:
-                fn(Image.open(io.BytesIO(blob)).convert("RGB"))
-            rates[name].append(2 * len(blobs) / (time.thread_time() - t))
+                fn(blob)
+            seconds[name].append((time.thread_time() - t) / len(blobs))
     torch.set_num_threads(os.cpu_count() or 1)
-    med = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"\n[views] per CPU core (views per CPU-second of one thread), 224 px, {len(blobs)} JPEGs of 500x375 "
-          f"decoded each time, median of {args.rounds} interleaved rounds")
-    for name, r in med.items():
-        print(f"  {name:28s} {r:8.1f} views/s   (rounds: {', '.join(f'{x:.0f}' for x in rates[name])})")
-    ratio = med["ours"] / med["torchvision"]
-    crop_ratio = med["ours, crop + flip only"] / med["torchvision"]
-    print(f"  ours / torchvision: {ratio:.2f}x")
-    print(f"  ours, crop + flip only / torchvision: {crop_ratio:.2f}x (the CPU work per view when the GPU distorts)")
-    result = {"views_per_s": med, "ratio_ours_over_torchvision": ratio, "ratio_crop_flip_over_torchvision": crop_ratio}
+    per_image = {name: statistics.median(s) for name, s in seconds.items()}
+    decode = per_image["decode, torchvision decode_jpeg"]  # what the path below decodes with: the limit
+    print(f"\n[views] per image (two 224 px views), one thread, thread CPU time, {len(blobs)} JPEGs of 500x375 "
+          f"decoded each time, median of {args.rounds} interleaved rounds; per core = per CPU-second of one thread")
+    rows = {}
+    for name, (_, views) in pipelines.items():
+        ms = 1000 * per_image[name]
+        rows[name] = {"ms_per_image": ms, "images_per_s": 1 / per_image[name],
+                      "views_per_s": views / per_image[name] if views else None, "x_decode": per_image[name] / decode}
+        rate = f"{views / per_image[name]:7.1f} views/s" if views else " " * 15
+        print(f"  {name:45s} {ms:7.3f} ms  {1 / per_image[name]:7.1f} images/s {rate}   "
+              f"{per_image[name] / decode:5.2f}x the decode")
+    tv, gpu, cpu = (per_image[k] for k in ("torchvision pipeline", "GPU path: decode + crop + flip", "CPU path: whole views"))
+    result = {"per_image": rows, "ratio_ours_over_torchvision": tv / cpu, "ratio_crop_flip_over_torchvision": tv / gpu,
+              "gpu_path_over_decode": gpu / decode, "gpu_path_over_pil_decode": gpu / per_image["decode, PIL (open + RGB)"]}
+    print(f"  GPU path / decode: {gpu / decode:.2f}x (/ PIL's decode: {result['gpu_path_over_pil_decode']:.2f}x)")
+    print(f"  ours / torchvision: {tv / cpu:.2f}x (whole views on the CPU)")
+    print(f"  ours, crop + flip only / torchvision: {tv / gpu:.2f}x (the CPU work per view when the GPU distorts)")
     if args.views_baseline:
-        result["ratio_ours_over_baseline"] = med["ours"] / med["baseline"]
-        print(f"  ours / baseline ({args.views_baseline}): {result['ratio_ours_over_baseline']:.2f}x")
+        result["ratio_ours_over_baseline"] = per_image["baseline: whole views"] / cpu
+        result["ratio_crop_flip_over_baseline"] = per_image["baseline: decode + crop + flip"] / gpu
+        print(f"  ours / baseline ({args.views_baseline}): whole views {result['ratio_ours_over_baseline']:.2f}x, "
+              f"decode + crop + flip {result['ratio_crop_flip_over_baseline']:.2f}x")
     return result
+
+
+def _two(view, img):
+    return view(img), view(img)
 
 
 def simclr_model(arch, device, width=1, cifar_stem=False, activation_checkpointing=False):

@@ -6,7 +6,8 @@ images of three equal channels), imagefolder is the ImageNet layout (DIR/train/C
 DIR/val/CLASS/*), folder is every image under a folder in any layout, without
 labels (pretraining only), and synthetic is a labelled set of generated images
 (textures and shapes, no download) for trying the pipeline offline.
-build_dataset returns (PIL image, label) pairs; SeededTransform applies a
+build_dataset returns (image, label) pairs, the image a PIL image, or for imagefolder
+a uint8 (3, H, W) tensor (load_image: JPEGs decoded straight into a tensor); SeededTransform applies a
 transform whose randomness is fixed by (seed, epoch, index), so the views do
 not depend on the number of workers or processes and a resumed run sees
 exactly the views it would have seen. Unreadable images are skipped and
@@ -23,6 +24,8 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
+
+import augment
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 DATASETS = ("cifar10", "cifar100", "stl10", "mnist", "fashionmnist", "imagefolder", "folder", "synthetic")
@@ -223,6 +226,20 @@ class GrayAsRGB(Dataset):
         return img.convert("RGB"), label
 
 
+def load_image(path):
+    """An image file as uint8 (3, H, W) RGB (channels-last), what the views are made from.
+    JPEGs are decoded by torchvision's libjpeg-turbo into a tensor directly (the same pixels as
+    PIL's, and faster end to end: PIL's decode is about as fast, but its pixels then cost a
+    copy out of PIL); other formats, and JPEGs that decoder refuses, by PIL, whose error (for
+    a file neither can read) says why."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:3] == augment.JPEG_MAGIC:
+        return augment.decode(data)
+    with Image.open(path) as img:
+        return augment.pixels(img).permute(2, 0, 1)
+
+
 def _image_folder(data_dir, sub):
     from torchvision.datasets import ImageFolder
     root = os.path.join(data_dir, sub)
@@ -230,7 +247,7 @@ def _image_folder(data_dir, sub):
         raise DataError(f"{root} is not a directory; --data-dir must hold the ImageNet layout "
                         f"{sub}/CLASS/IMAGE (e.g. {os.path.join(root, 'n01440764', 'x.JPEG')})")
     try:
-        return ImageFolder(root)
+        return ImageFolder(root, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
 
@@ -273,7 +290,8 @@ def list_images(root):
 
 
 class FolderImages(Dataset):
-    """Every image under `root` in any layout, unlabeled: dataset[i] = (PIL RGB image, -1).
+    """Every image under `root` in any layout, unlabeled: dataset[i] = (uint8 (3, H, W) RGB, -1),
+    read by load_image as the ImageNet folders are.
     `samples` holds (path, -1) pairs in list_images' sorted order."""
 
     def __init__(self, root):
@@ -290,9 +308,7 @@ class FolderImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        with open(self.samples[i][0], "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB"), -1
+        return load_image(self.samples[i][0]), -1
 
 
 def num_classes(dataset):
@@ -498,6 +514,30 @@ def check_shared_memory(workers, batch_bytes, path=SHM):
                         f"{max(1, -(-need * 2 // 2**30))}g, or --ipc=host), or use --workers {fits} or fewer")
 
 
+def _is_image(x):
+    return isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 3 and x.shape[0] == 3
+
+
+def _rows(sample):
+    if isinstance(sample, (tuple, list)):
+        return type(sample)(_rows(v) for v in sample)
+    return sample.permute(1, 2, 0) if _is_image(sample) else sample
+
+
+def _channels_first(batch, like):
+    if isinstance(like, (tuple, list)):
+        return type(batch)(_channels_first(b, v) for b, v in zip(batch, like))
+    return batch.permute(0, 3, 1, 2) if _is_image(like) else batch
+
+
+def collate(samples):
+    """default_collate, except that uint8 images (3, H, W) are stacked as their (H, W, 3) pixels
+    and come out as a channels_last (B, 3, H, W) batch: the views are channels-last already, so
+    this is a plain copy (into shared memory in a worker), where stacking them as (B, 3, H, W)
+    rows would transpose every image on the CPU. The device converts or transposes the batch."""
+    return _channels_first(torch.utils.data.default_collate([_rows(s) for s in samples]), samples[0])
+
+
 def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pin_memory=False):
     """DataLoader over this rank's share of a SeededTransform; batch_size is per rank.
 
@@ -505,8 +545,9 @@ def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pi
     epoch) and the last incomplete batch dropped, so every rank runs the same
     number of equal steps. Otherwise in order and nothing dropped; with several
     ranks DistributedSampler pads the last batch by repeating a few samples.
+    Image batches are uint8 channels_last (collate).
     """
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler), num_workers=workers,
-                      pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
                       worker_init_fn=_worker_init)

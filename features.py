@@ -1,5 +1,6 @@
 """Features of a frozen network over a whole dataset, weighted kNN, top-k accuracy,
-and the progress line of long evaluation phases.
+the progress line of long evaluation phases, and the move of an image batch to the
+device (to_device: uint8 over the bus, float on the device).
 
 Used by linear_eval.py, finetune.py and pretrain.py's kNN monitor. Under
 torch.distributed each process runs its share of the dataset and every
@@ -65,6 +66,18 @@ def _hms(seconds):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def to_device(x, device, channels_last=False):
+    """A batch of images on `device` as float32 in [0, 1]. A uint8 batch (what the evaluation
+    transforms and the views make) is copied as uint8, a quarter of float32's bytes, from the
+    loader's pinned memory without waiting (non_blocking), and converted there, into
+    channels_last or the plain layout in the same pass; a float batch is moved (and laid out)."""
+    x = x.to(device, non_blocking=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format  # (the views come channels-last)
+    if x.is_floating_point():
+        return x.contiguous(memory_format=layout)
+    return x.to(torch.float32, memory_format=layout).div_(255.0)
+
+
 def _world():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -79,7 +92,8 @@ def extract_features(model, loader, device, amp=None, channels_last=False, store
     """model(x) for every sample of loader.dataset -> (features (N, d), labels (N,)).
 
     The loader must iterate a DistributedSampler without shuffling (possibly
-    wrapped, as data.make_loader does). amp: the autocast dtype (None: float32);
+    wrapped, as data.make_loader does); its images, uint8 or float, become float
+    in [0, 1] on the device (to_device). amp: the autocast dtype (None: float32);
     features keep the dtype the model gives (bf16/fp16 under amp). Put the
     model in eval mode first.
 
@@ -98,9 +112,7 @@ def extract_features(model, loader, device, amp=None, channels_last=False, store
     out_f = out_y = None
     done = 0
     for batch in loader:  # (images, labels, ...)
-        x, y = batch[0].to(device, non_blocking=True), batch[1]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = to_device(batch[0], device, channels_last), batch[1]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             f = model(x)
         y = torch.as_tensor(y).to(device, non_blocking=True)  # a plain copy would make the host wait for the model

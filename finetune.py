@@ -48,7 +48,7 @@ from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, grad_scaler, rank0_first, resolve_amp, run,
                          setup, write_results)
-from features import Progress, extract_features, topk_accuracy
+from features import Progress, extract_features, to_device, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
 
@@ -277,9 +277,7 @@ def print_start(job, encoder, settings, steps_per_epoch):
 def train_step(job, model, optimizer, scaler, x, y):
     """One SGD step on a batch -> (loss, logits, labels on the device)."""
     args, device = job.args, job.ctx.device
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, y = to_device(x, device, args.channels_last), y.to(device, non_blocking=True)  # x: uint8 -> float there
     with torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)

@@ -52,7 +52,7 @@ from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first, resolve_amp, run, setup,
                          write_results)
-from features import Progress, extract_features, feature_batches, knn_accuracy, topk_accuracy
+from features import Progress, extract_features, feature_batches, knn_accuracy, to_device, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
 
@@ -337,9 +337,7 @@ def encoded_batches(job, loader, epoch):
     args, device = job.args, job.ctx.device
     loader.sampler.set_epoch(epoch)
     for x, y, _ in loader:
-        x = x.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_device(x, device, args.channels_last)  # uint8 over the bus, float on the device
         with torch.no_grad(), torch.autocast(device.type, dtype=AMP_DTYPES[args.amp], enabled=args.amp != "off"):
             h = job.encoder(x)
         yield h, y.to(device, non_blocking=True)

@@ -1,5 +1,7 @@
-"""Views: shape, range, randomness; each colour op against an independent definition."""
+"""Views: shape, range, randomness; each colour op against an independent definition; the crop +
+resize + flip against PIL."""
 import colorsys
+import io
 import json
 import math
 from collections import Counter
@@ -10,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 import augment
 from augment import (CropFlip, EvalTransform, SimCLRViews, adjust_brightness, adjust_contrast, adjust_hue,
@@ -381,14 +385,130 @@ def test_crop_flip_output_and_flip_rate():
 
 def test_eval_transforms():
     img32 = random_image(32, 32)
-    x = EvalTransform(32, train=False)(img32)  # no crop at 32 px: the image itself
-    assert torch.equal(x, torch.from_numpy(np.array(img32)).permute(2, 0, 1).float() / 255)
+    x = EvalTransform(32, train=False)(img32)  # no crop at 32 px: the image itself, uint8 as the views
+    assert x.dtype == torch.uint8 and torch.equal(x, torch.from_numpy(np.array(img32)).permute(2, 0, 1))
     img256 = random_image(256, 300)
     x = EvalTransform(224, train=False)(img256)  # centre 224 = 87.5% of 256: a pure crop
     arr = np.asarray(img256)[16:240, 38:262]
-    assert torch.equal(x, torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255)
+    assert torch.equal(x, torch.from_numpy(arr.copy()).permute(2, 0, 1))
     y = EvalTransform(224, train=True)(img256, torch.Generator().manual_seed(0))
-    assert y.shape == (3, 224, 224) and 0 <= y.min() and y.max() <= 1
+    assert y.shape == (3, 224, 224) and y.dtype == torch.uint8
+    # an odd margin: torchvision's centre (round((h - side) / 2)), then PIL's bicubic resize
+    img = random_image(101, 130, seed=3)
+    ref = TF.resize(TF.center_crop(img, [88, 88]), [64, 64], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    diff = (EvalTransform(64, train=False)(img).int() - torch.from_numpy(np.asarray(ref)).permute(2, 0, 1).int()).abs()
+    assert diff.max() <= 2 and diff.float().mean() < 0.3
+
+
+# ----------------------------------------------------------------------------
+# The crop + resize + flip on uint8 channels-last pixels, against PIL.
+
+def photo_jpeg(seed=0, h=375, w=500, quality=90):
+    """A real-photo-like JPEG: smooth colour gradients and blobs, fine texture (noise) and
+    hard-edged discs (edges are where resampling filters differ most)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)  # in [0, 1) along the longer side
+    img = np.stack([0.5 + 0.4 * np.sin(6 * x + 2 * y + p) for p in rng.uniform(0, 6, 3)], -1) * 127
+    coarse = Image.fromarray((rng.random((h // 25, w // 25, 3)) * 255).astype(np.uint8))
+    img = img + 0.5 * np.asarray(coarse.resize((w, h), Image.BICUBIC), np.float32) + rng.normal(0, 8, (h, w, 3))
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, 80)
+        img[(y * max(h, w) - cy) ** 2 + (x * max(h, w) - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def pil_view(img, box, size, flip=False):
+    """PIL's own crop + bicubic antialiased resize (+ flip): what CropFlip did before, as uint8 (3, size, size)."""
+    top, left, h, w = box
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+def level_diff(a, b):
+    """(largest, mean) absolute difference in levels of 255."""
+    d = (a.int() - b.int()).abs()
+    return d.max().item(), d.float().mean().item()
+
+
+# (box, size): downscaling 11x to 1.2x (one side or both), a pure crop, upscaling 1.5x to 17x
+BOXES = [((0, 0, 375, 500), 224), ((20, 30, 300, 260), 224), ((0, 0, 375, 500), 32), ((40, 0, 330, 500), 96),
+         ((100, 100, 224, 224), 224), ((50, 70, 150, 180), 224), ((10, 10, 100, 90), 224),
+         ((200, 300, 40, 50), 224), ((5, 5, 17, 13), 224), ((7, 9, 30, 40), 32)]
+
+
+@pytest.mark.parametrize("uint8_kernel", [True, False], ids=["uint8-kernel", "float-fallback"])
+def test_resized_crop_equals_pils_bicubic_resize(monkeypatch, uint8_kernel):
+    """Measured (3 generated photos, these boxes, torch 2.14): uint8 kernel largest difference
+    2 levels, mean <= 0.25; the float fallback (torch without the uint8 kernel) 1 and <= 0.21."""
+    if uint8_kernel and not augment.UINT8_BICUBIC:
+        pytest.skip("this torch has no uint8 antialiased bicubic kernel")
+    monkeypatch.setattr(augment, "UINT8_BICUBIC", uint8_kernel)
+    for seed in range(2):
+        data = photo_jpeg(seed)
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        hwc = augment.pixels(data)
+        for box, size in BOXES:
+            out = augment.resized_crop(hwc, box, size)
+            assert out.shape == (3, size, size) and out.dtype == torch.uint8 and out.permute(1, 2, 0).is_contiguous()
+            largest, mean = level_diff(out, pil_view(img, box, size))
+            assert largest <= 2 and mean < 0.3, (box, size, largest, mean)
+            assert torch.equal(augment.resized_crop(hwc, box, size, flip=True), out.flip(-1))
+    # the comparison can fail: PIL's bilinear filter, or no antialiasing, is far from it
+    box, size = (0, 0, 375, 500), 96
+    bilinear = img.crop((0, 0, 500, 375)).resize((size, size), Image.BILINEAR)
+    assert level_diff(augment.resized_crop(hwc, box, size), torch.from_numpy(np.array(bilinear)).permute(2, 0, 1))[0] > 10
+    aliased = torch.nn.functional.interpolate(hwc.permute(2, 0, 1)[None].float(), size=(size, size), mode="bicubic")
+    assert level_diff(aliased[0].round().clamp(0, 255), pil_view(img, box, size))[0] > 10
+
+
+def test_crop_flip_draws_the_box_and_flip_it_drew_before():
+    """Same generator, same draws: the box from random_resized_crop_params, then one uniform
+    for the flip, so the views keep their distribution and a resumed run its exact views;
+    the pixels are PIL's resize of that box within the measured tolerance."""
+    data = photo_jpeg(2)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    for sampler in augment.CROP_SAMPLERS:
+        crop = CropFlip(96, crop_sampler=sampler)
+        flips = 0
+        for seed in range(12):
+            g, ref_g = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            out = crop(data, g)
+            box = random_resized_crop_params(375, 500, (0.08, 1.0), (3 / 4, 4 / 3), ref_g, sampler=sampler)
+            flip = torch.rand(1, generator=ref_g).item() < 0.5
+            flips += flip
+            assert level_diff(out, pil_view(img, box, 96, flip))[1] < 0.3
+            assert level_diff(out, pil_view(img, box, 96, not flip))[1] > 3  # the flip decides
+            assert torch.rand(1, generator=g).item() == torch.rand(1, generator=ref_g).item()  # no extra draws
+        assert 0 < flips < 12
+
+
+def test_views_from_jpeg_bytes_pil_and_tensors_agree():
+    """decode() gives PIL's pixels bit for bit (RGB, grayscale and CMYK JPEGs; PNG through PIL),
+    so a view does not depend on the form the image comes in."""
+    data = photo_jpeg(3, 120, 160)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    for mode in ("RGB", "L", "CMYK"):
+        buf = io.BytesIO()
+        img.convert(mode).save(buf, "JPEG", quality=90)
+        assert torch.equal(augment.decode(buf.getvalue()).permute(1, 2, 0),
+                           torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))))
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    chw = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    forms = [data, img, chw, chw.permute(1, 2, 0).contiguous().permute(2, 0, 1), png.getvalue()]
+    views = SimCLRViews(64)
+    expected = views.crops(forms[0], torch.Generator().manual_seed(5))
+    for form in forms[1:]:
+        got = views.crops(form, torch.Generator().manual_seed(5))
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    gray = views.crops(chw[:1], torch.Generator().manual_seed(5))  # (1, H, W): three equal channels
+    assert torch.equal(gray[0][0], gray[0][1])
+    with pytest.raises(ValueError, match="uint8 image"):
+        CropFlip(32)(chw.float())
 
 
 def test_distort_rejects_wrong_input():

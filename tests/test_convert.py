@@ -304,7 +304,7 @@ def test_linear_eval_scores_the_stored_classifier_without_training(converted, tm
     assert res["protocol"] == "checkpoint_classifier" and res["test_images"] == 16 and res["amp"] == "off"
     # the same top-1, computed here from the stored weights
     test = data.build_dataset("synthetic", "data", "test", 64, 64)
-    x = torch.stack([EvalTransform(64, train=False)(test[i][0]) for i in range(len(test))])
+    x = torch.stack([EvalTransform(64, train=False)(test[i][0]) for i in range(len(test))]).float() / 255
     y = torch.as_tensor(data.labels_of(test))
     encoder, ckpt = load_encoder(converted / name)
     c = ckpt["classifier"]

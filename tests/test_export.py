@@ -123,6 +123,7 @@ def test_features_of_a_folder_with_their_paths(run, tmp_path):
     assert list(saved["paths"]) == [os.path.join("imgs", n) for n in sorted(names)]
     transform = EvalTransform(32, train=False)  # the pretraining size the checkpoint records
     with torch.no_grad():
-        expected = encoder(torch.stack([transform(Image.open(tmp_path / p).convert("RGB")) for p in saved["paths"]]))
+        x = torch.stack([transform(Image.open(tmp_path / p).convert("RGB")) for p in saved["paths"]])  # uint8
+        expected = encoder(x.float() / 255)
     assert saved["features"].shape == (3, 128) and saved["features"].dtype == np.float32
     np.testing.assert_allclose(saved["features"], expected.numpy(), rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+import torch
 
 import data
 
@@ -41,7 +42,10 @@ def test_every_image_in_any_layout_sorted_hidden_and_non_images_left_out(tmp_pat
     ds = data.build_dataset("folder", str(root), "pretrain")
     assert len(ds) == len(wanted) + 1 and [p for p, _ in ds.samples] == paths
     img, label = ds[rel.index("top.PNG")]
-    assert img.mode == "RGB" and img.size == (36, 36) and label == -1
+    with Image.open(root / "top.PNG") as f:  # the file's own pixels, as uint8 (3, H, W)
+        expected = np.asarray(f.convert("RGB")).transpose(2, 0, 1)
+    assert img.dtype == torch.uint8 and img.shape == (3, 36, 36) and label == -1
+    assert np.array_equal(img.numpy(), expected)
 
 
 @pytest.mark.parametrize("layout", ["empty", "no_images", "missing"])

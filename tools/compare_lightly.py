@@ -120,7 +120,7 @@ def eval_images(folder, image_size):
     """(n, 3, size, size) float images in [0, 1] of an ImageFolder, un-augmented, and (n,) labels."""
     from torchvision.datasets import ImageFolder
     dataset, plain = ImageFolder(folder), EvalTransform(image_size, train=False)
-    images = torch.stack([plain(dataset[i][0]) for i in range(len(dataset))])
+    images = torch.stack([plain(dataset[i][0]) for i in range(len(dataset))]).float() / 255  # uint8 -> [0, 1]
     return images, torch.tensor(dataset.targets)
 
 
