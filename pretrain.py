@@ -41,8 +41,8 @@ from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, 
 from features import extract_features, knn_accuracy
 from lars import LARS, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
-from model import (CHECKPOINT_FORMAT, ARCHS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
-                   read_checkpoint, save_atomic, save_encoder, unwrap)
+from model import (CHECKPOINT_FORMAT, ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR,
+                   build_encoder, read_checkpoint, save_atomic, save_encoder, unwrap)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -71,9 +71,23 @@ def get_args(argv=None):
     m.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
                    help="start the last BN gamma of every residual block at 0 (official); --no-zero-init-residual: "
                         "at 1, as torchvision and lightly")
+    m.add_argument("--input-norm", default="none", choices=tuple(INPUT_NORMS),
+                   help="beyond the official recipe: 'imagenet' feeds the encoder (x - mean) / std with ImageNet's "
+                        "mean and std (torchvision's and lightly's transforms); saved with the encoder, so eval "
+                        "scripts apply it too. Default 'none': [0, 1] pixels, as the official code")
+    m.add_argument("--conv-init", default="kaiming", choices=CONV_INITS,
+                   help="beyond the official recipe: 'pytorch' keeps nn.Conv2d's own (smaller, uniform) init, as "
+                        "lightly's ResNet; default 'kaiming': He normal, fan_out (torchvision; official: He-scaled)")
+    m.add_argument("--bn-per-view", action="store_true",
+                   help="beyond the official recipe: forward each view on its own, so every BN layer normalises "
+                        "each view with its own batch statistics (lightly's examples); default: both views in one "
+                        "BN batch, as the official code")
     m.add_argument("--proj-layers", type=int, default=2, help="projection head depth (2: SimCLR v1, 3: v2)")
     m.add_argument("--proj-hidden-dim", type=int, default=None, help="default: the encoder's feature dim")
     m.add_argument("--proj-dim", type=int, default=128, help="output dim of the projection head")
+    m.add_argument("--proj-out-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BN (scale, no shift) on the head's output, as the official head; --no-proj-out-bn: a "
+                        "plain Linear with a bias there instead (lightly's SimCLRProjectionHead)")
     a = p.add_argument_group("augmentation")
     a.add_argument("--strength", type=float, default=None, help="colour distortion strength s; default 1.0 (0.5 CIFAR recipe)")
     a.add_argument("--blur", action=argparse.BooleanOptionalAction, default=None,
@@ -308,9 +322,10 @@ def main():
     # Model: encoder f and head g; global BN (SyncBatchNorm) across CUDA processes.
     torch.manual_seed(args.seed)
     encoder = build_encoder(args.arch, args.width, args.cifar_stem, activation_checkpointing=args.activation_checkpointing,
-                            zero_init_residual=args.zero_init_residual)
-    head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
-    model = SimCLR(encoder, head)
+                            zero_init_residual=args.zero_init_residual, input_norm=args.input_norm,
+                            conv_init=args.conv_init)
+    head = ProjectionHead(encoder.feature_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers, args.proj_out_bn)
+    model = SimCLR(encoder, head, bn_chunks=2 if args.bn_per_view else 1)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=peak_lr, momentum=args.momentum,
                      weight_decay=args.weight_decay, eta=args.eta,
                      trust_ratio=args.optimizer == "lars", exclude_1d=args.optimizer == "lars")
