@@ -13,8 +13,9 @@ README, Results). The resolved settings are printed at start.
 Beyond the official recipe, and never a default: in short runs on small images (Fashion-MNIST,
 120 steps of batch 128; README, Results) a 4x higher lr (--lr 0.3 --lr-scaling sqrt),
 --temperature 0.2 and --no-zero-init-residual each helped; together (two seeds) they beat
-lightly's SimCLR in kNN accuracy and came within the seed spread of it in linear accuracy. --input-norm, --conv-init, --bn-per-view and --no-proj-out-bn give lightly's other
-choices; none of those helped there on its own.
+lightly's SimCLR in kNN accuracy and came within the seed spread of it in linear accuracy.
+--input-norm, --conv-init, --bn-per-view and --no-proj-out-bn give lightly's other choices;
+none of those that were run helped there on its own (--conv-init was not run).
 
 Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
 run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
