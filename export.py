@@ -74,6 +74,10 @@ def check_stem(encoder, target):
     if config["cifar_stem"]:
         fail(f"this encoder has the CIFAR stem (3x3 convolution, no max-pool); {target}'s ResNet has the ImageNet "
              "stem (7x7, stride 2, max-pool), so its weights cannot go there")
+    if config.get("sk_ratio") or config.get("first_group_projection"):
+        kind = "selective-kernel (SimCLRv2 sk1)" if config.get("sk_ratio") else "official ResNet-18/34 shortcut"
+        fail(f"this encoder has {kind} blocks; {target}'s ResNet has no such layers, so its weights cannot go "
+             "there (export a plain ResNet, or use it through model.load_encoder / --to features)")
     if target == "torchvision" and config["width"] != 1:
         fail(f"this encoder has width {config['width']:g}; torchvision's ResNets exist at width 1 only "
              "(--to detectron2 takes any width of ResNet-50/101/152)")
@@ -125,6 +129,16 @@ def detectron2_checkpoint(encoder):
     return {"model": weights, "__author__": f"simclr export.py from {encoder.config}", "matching_heuristics": True}
 
 
+def pixel_lines(encoder):
+    """detectron2 normalises (x - PIXEL_MEAN) / PIXEL_STD on 0-255 pixels: what makes the encoder's own input,
+    [0, 1] RGB, or (x - mean) / std of it when it was pretrained with --input-norm."""
+    mean = encoder.input_mean.flatten().tolist() if encoder.normalise_input else [0.0, 0.0, 0.0]
+    std = encoder.input_std.flatten().tolist() if encoder.normalise_input else [1.0, 1.0, 1.0]
+    seen = f"{encoder.config['input_norm']}-normalised RGB" if encoder.normalise_input else "RGB in [0, 1]"
+    return [f"MODEL.PIXEL_MEAN {[round(255 * m, 4) for m in mean]}",
+            f"MODEL.PIXEL_STD {[round(255 * v, 4) for v in std]}  # the encoder saw {seen}"]
+
+
 def detectron2_config(encoder, path):
     """The detectron2 config lines that build the backbone these weights fit."""
     config = encoder.config
@@ -132,8 +146,7 @@ def detectron2_config(encoder, path):
     stem = encoder.conv1.out_channels
     lines = [f"MODEL.WEIGHTS {path}", f"MODEL.RESNETS.DEPTH {depth}",
              "MODEL.RESNETS.STRIDE_IN_1X1 False  # the stride is in the 3x3 convolution (torchvision's, ResNet v1.5)",
-             "MODEL.PIXEL_MEAN [0.0, 0.0, 0.0]", "MODEL.PIXEL_STD [255.0, 255.0, 255.0]  # the encoder saw RGB in [0, 1]",
-             "INPUT.FORMAT RGB"]
+             *pixel_lines(encoder), "INPUT.FORMAT RGB"]
     if depth >= 50 and stem != 64:
         lines += [f"MODEL.RESNETS.STEM_OUT_CHANNELS {stem}", f"MODEL.RESNETS.WIDTH_PER_GROUP {stem}",
                   f"MODEL.RESNETS.RES2_OUT_CHANNELS {encoder.layer1[0].conv3.out_channels}"]
@@ -197,6 +210,10 @@ def main(argv=None):
         warn_tf_pool(encoder, "torchvision")
         save_atomic(state, args.out)
         arch = encoder.config["arch"]
+        if encoder.normalise_input:  # torchvision's model has no input normalisation of its own
+            print(f"note: this encoder was pretrained with --input-norm {encoder.config['input_norm']}: feed the "
+                  "torchvision model (x - mean) / std of [0, 1] RGB, e.g. torchvision.transforms.Normalize"
+                  f"({encoder.input_mean.flatten().tolist()}, {encoder.input_std.flatten().tolist()})", flush=True)
         print(f"wrote {args.out}: {len(state)} tensors for torchvision.models.{arch}(); load with\n"
               f"  net = torchvision.models.{arch}(); net.fc = torch.nn.Identity()\n"
               f"  net.load_state_dict(torch.load({args.out!r}))", flush=True)

@@ -168,13 +168,24 @@ ARCHS = {  # block type and blocks per stage
 }
 
 
+# Input scalings of the encoder: (mean, std) per RGB channel; "none" leaves the [0, 1] pixels as they are.
+INPUT_NORMS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+CONV_INITS = ("kaiming", "pytorch")
+
+
 class ResNet(nn.Module):
     """ResNet trunk with global average pooling and no classifier: (B, 3, H, W) -> (B, feature_dim)."""
 
     def __init__(self, block, layers, width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False,
-                 zero_init_residual=True, sk_ratio=0.0, first_group_projection=False):
+                 zero_init_residual=True, sk_ratio=0.0, first_group_projection=False, input_norm="none",
+                 conv_init="kaiming"):
         super().__init__()
         self.activation_checkpointing = activation_checkpointing  # a run-time choice, not saved in config
+        self.normalise_input = input_norm != "none"
+        mean, std = INPUT_NORMS[input_norm]  # (x - mean) / std per channel before the stem; not in state_dict
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         planes = [max(1, int(round(p * width))) for p in (64, 128, 256, 512)]
         if cifar_stem:  # 32 px images: keep the resolution (official: image_size <= 32)
             self.conv1 = _conv(3, planes[0], 3)
@@ -203,7 +214,7 @@ class ResNet(nn.Module):
         self.feature_dim = cin
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and conv_init == "kaiming":  # "pytorch": nn.Conv2d's own init, kept
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -218,6 +229,8 @@ class ResNet(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x):
+        if self.normalise_input:
+            x = (x - self.input_mean) / self.input_std
         x = self._maybe_checkpoint(self.stem, (self.conv1, self.bn1), x)  # conv1 holds BNs in the ResNet-D stem
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
@@ -258,7 +271,8 @@ def frozen_running_stats(*modules):
 
 
 def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False, activation_checkpointing=False,
-                  zero_init_residual=True, sk_ratio=0.0, first_group_projection=False):
+                  zero_init_residual=True, sk_ratio=0.0, first_group_projection=False, input_norm="none",
+                  conv_init="kaiming"):
     """ResNet encoder; `width` multiplies every convolution's channels (paper: 1, 2, 4).
 
     tf_same_pool=True pads the stem max-pool as TensorFlow's 'SAME' (see
@@ -283,6 +297,15 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
     zero_init_residual (default True, official): the last BN gamma of every residual block
     starts at 0; False starts it at 1, as torchvision's and lightly's ResNets do.
 
+    input_norm: "none" (default, official: the network sees [0, 1] pixels) or "imagenet"
+    (x - mean) / std with ImageNet's per-channel mean and std, as torchvision's and lightly's
+    transforms do. It is part of the encoder (and of `config`), so every script that loads the
+    encoder feeds it [0, 1] pixels either way.
+
+    conv_init: "kaiming" (default: He normal, fan_out, as torchvision's ResNet; the official code
+    uses a He-scaled variance too) or "pytorch" (nn.Conv2d's own uniform init, 1/sqrt(3) of that
+    scale per fan_in, as lightly's ResNetGenerator keeps). Initialisation only, not in `config`.
+
     The returned module has `feature_dim` and `config` (the arguments that fix the
     weights, used by save_encoder so a checkpoint can rebuild it).
     """
@@ -292,10 +315,15 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
         raise ValueError(f"width must be positive, got {width}")
     if not 0 <= sk_ratio < 1:
         raise ValueError(f"sk_ratio must be in [0, 1) (0 = no selective kernels, SimCLRv2 sk1: 0.0625), got {sk_ratio}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {', '.join(INPUT_NORMS)}")
+    if conv_init not in CONV_INITS:
+        raise ValueError(f"unknown conv_init {conv_init!r}; choose one of {', '.join(CONV_INITS)}")
     block, layers = ARCHS[arch]
     encoder = ResNet(block, layers, width=width, cifar_stem=cifar_stem, tf_same_pool=tf_same_pool,
                      activation_checkpointing=activation_checkpointing, zero_init_residual=zero_init_residual,
-                     sk_ratio=sk_ratio, first_group_projection=first_group_projection)
+                     sk_ratio=sk_ratio, first_group_projection=first_group_projection, input_norm=input_norm,
+                     conv_init=conv_init)
     encoder.config = {"arch": arch, "width": width, "cifar_stem": bool(cifar_stem)}
     # the options below only when set, so configs of the default model (old checkpoints) stay as before
     if tf_same_pool:
@@ -304,6 +332,8 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
         encoder.config["sk_ratio"] = float(sk_ratio)
     if first_group_projection:
         encoder.config["first_group_projection"] = True
+    if input_norm != "none":
+        encoder.config["input_norm"] = input_norm
     return encoder
 
 
@@ -313,10 +343,12 @@ class ProjectionHead(nn.Module):
     Hidden layers are Linear-BN-ReLU. As in the official code, the output
     layer is Linear followed by BN with a scale but no shift (center=False),
     and no ReLU; the loss normalises z anyway. num_layers=2 is SimCLR v1,
-    3 is v2. hidden_dim defaults to in_dim.
+    3 is v2. hidden_dim defaults to in_dim. out_bn=False makes the output
+    layer a plain Linear with a bias, as lightly's SimCLRProjectionHead and
+    most PyTorch ports have it.
     """
 
-    def __init__(self, in_dim, hidden_dim=None, out_dim=128, num_layers=2):
+    def __init__(self, in_dim, hidden_dim=None, out_dim=128, num_layers=2, out_bn=True):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -325,11 +357,16 @@ class ProjectionHead(nn.Module):
         for _ in range(num_layers - 1):
             layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             dim = hidden_dim
-        out_bn = nn.BatchNorm1d(out_dim)
-        out_bn.bias.requires_grad_(False)  # stays 0: BN without centring, as the official head
-        layers += [nn.Linear(dim, out_dim, bias=False), out_bn]
+        if out_bn:
+            bn = nn.BatchNorm1d(out_dim)
+            bn.bias.requires_grad_(False)  # stays 0: BN without centring, as the official head
+            layers += [nn.Linear(dim, out_dim, bias=False), bn]
+        else:
+            layers += [nn.Linear(dim, out_dim)]
         self.net = nn.Sequential(*layers)
         self.config = {"in_dim": in_dim, "hidden_dim": hidden_dim, "out_dim": out_dim, "num_layers": num_layers}
+        if not out_bn:  # only then, so configs of the default head stay as before
+            self.config["out_bn"] = False
 
     def forward(self, h):
         return self.net(h)
@@ -343,16 +380,24 @@ class ProjectionHead(nn.Module):
 
 
 class SimCLR(nn.Module):
-    """Encoder + projection head: x -> (h, z)."""
+    """Encoder + projection head: x -> (h, z).
 
-    def __init__(self, encoder, head):
+    bn_chunks=1 (default, official): the whole batch x = [x1; x2] goes through every BN layer
+    at once, so both views share the batch statistics. bn_chunks=2 forwards each view (each
+    half of x) on its own, so each has its own statistics, as lightly's examples do."""
+
+    def __init__(self, encoder, head, bn_chunks=1):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.bn_chunks = bn_chunks
 
     def forward(self, x):
-        h = self.encoder(x)
-        return h, self.head(h)
+        if self.bn_chunks == 1:
+            h = self.encoder(x)
+            return h, self.head(h)
+        hz = [(h, self.head(h)) for h in map(self.encoder, x.chunk(self.bn_chunks))]
+        return torch.cat([h for h, _ in hz]), torch.cat([z for _, z in hz])
 
 
 # ----------------------------------------------------------------------------
@@ -469,7 +514,8 @@ def load_head(path, ckpt):
         args = ckpt["args"]
         state = {k[len("head."):]: v for k, v in ckpt["model"].items() if k.startswith("head.")}
         config = {"in_dim": state["net.0.weight"].shape[1], "hidden_dim": args["proj_hidden_dim"],
-                  "out_dim": args["proj_dim"], "num_layers": args["proj_layers"]}
+                  "out_dim": args["proj_dim"], "num_layers": args["proj_layers"],
+                  "out_bn": args.get("proj_out_bn", True)}
     else:
         return None
     head = ProjectionHead(**config)

@@ -50,7 +50,9 @@ def test_torchvision_export_end_to_end_and_refusals(run, tmp_path, capsys):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
 
     for name, enc, text in (("wide", build_encoder("resnet18", width=2), "width 2"),
-                            ("cifar", build_encoder("resnet18", cifar_stem=True), "CIFAR stem")):
+                            ("cifar", build_encoder("resnet18", cifar_stem=True), "CIFAR stem"),
+                            ("sk", build_encoder("resnet50", width=0.25, sk_ratio=0.0625), "selective-kernel"),
+                            ("official18", build_encoder("resnet18", first_group_projection=True), "official ResNet-18")):
         save_encoder(tmp_path / f"{name}.pt", enc)
         with pytest.raises(SystemExit) as e:  # in this process: fail()'s one line and exit status
             export.main([str(tmp_path / f"{name}.pt"), "--to", "torchvision", str(tmp_path / "x.pth")])
@@ -127,3 +129,16 @@ def test_features_of_a_folder_with_their_paths(run, tmp_path):
         expected = encoder(x.float() / 255)
     assert saved["features"].shape == (3, 128) and saved["features"].dtype == np.float32
     np.testing.assert_allclose(saved["features"], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_input_normalisation_travels_as_detectron2s_pixel_mean_and_std():
+    """detectron2 feeds the backbone (x_255 - PIXEL_MEAN) / PIXEL_STD: with the printed values that is
+    exactly the encoder's own input, [0, 1] RGB or its ImageNet-normalised form."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for input_norm in ("none", "imagenet"):
+        encoder = build_encoder("resnet50", width=0.25, input_norm=input_norm)
+        lines = dict(line.split(" ", 1) for line in export.detectron2_config(encoder, "w.pkl"))
+        mean, std = (torch.tensor(json.loads(lines[k].split("#")[0])).view(1, 3, 1, 1)
+                     for k in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"))
+        own = (x - encoder.input_mean) / encoder.input_std if encoder.normalise_input else x
+        torch.testing.assert_close((255 * x - mean) / std, own, rtol=1e-5, atol=1e-5)

@@ -352,3 +352,72 @@ def test_pretrain_with_selective_kernels_resumes_exactly_and_runs_under_torchrun
         pretrain.get_args([*SK_TINY[:2], "--arch", "resnet18", "--sk-ratio", "0.0625"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert bad.value.code == 2 and len(errors) == 1 and "bottleneck --arch (resnet50/101/152)" in errors[0]
+
+
+def test_input_norm_is_imagenet_normalisation_inside_the_encoder(tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", width=0.25, cifar_stem=True, input_norm="imagenet").eval()
+    plain = build_encoder("resnet18", width=0.25, cifar_stem=True).eval()
+    plain.load_state_dict(enc.state_dict())  # the scaling holds no parameters or saved buffers
+    x = torch.rand(3, 3, 32, 32)
+    normalise = torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.testing.assert_close(enc(x), plain(normalise(x)))
+    assert not torch.allclose(enc(x), plain(x))
+    assert enc.config["input_norm"] == "imagenet" and "input_norm" not in plain.config
+    save_encoder(tmp_path / "encoder.pt", enc)  # eval scripts rebuild it from config: the scaling comes back
+    torch.testing.assert_close(load_encoder(tmp_path / "encoder.pt")[0].eval()(x), enc(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown input_norm 'cifar'"):
+        build_encoder("resnet18", input_norm="cifar")
+
+
+def test_conv_init_kaiming_and_pytorch_scales():
+    torch.manual_seed(0)
+    he = build_encoder("resnet18", cifar_stem=True)
+    torch.manual_seed(0)
+    pt = build_encoder("resnet18", cifar_stem=True, conv_init="pytorch")
+    for a, b in ((he.layer3[0].conv2, pt.layer3[0].conv2), (he.layer4[1].conv1, pt.layer4[1].conv1)):
+        fan_in = a.in_channels * 9
+        fan_out = a.out_channels * 9
+        assert abs(a.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.02  # He normal, fan_out
+        bound = 1 / fan_in ** 0.5  # nn.Conv2d: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert b.weight.abs().max().item() <= bound
+        assert abs(b.weight.std().item() / (bound / 3 ** 0.5) - 1) < 0.02
+    assert "conv_init" not in pt.config  # initialisation only: nothing to rebuild
+    with pytest.raises(ValueError, match="unknown conv_init"):
+        build_encoder("resnet18", conv_init="xavier")
+
+
+def test_bn_per_view_forwards_each_half_on_its_own():
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", width=0.25, cifar_stem=True, zero_init_residual=False)
+    head = ProjectionHead(enc.feature_dim)
+    x = torch.rand(8, 3, 32, 32)
+    per_view = SimCLR(enc, head, bn_chunks=2).train()
+    h, z = per_view(x)
+    joint = SimCLR(enc, head).train()  # the same modules, both views in one BN batch
+    h1, z1 = joint(x[:4])
+    h2, z2 = joint(x[4:])
+    torch.testing.assert_close(h, torch.cat([h1, h2]), rtol=0, atol=0)
+    torch.testing.assert_close(z, torch.cat([z1, z2]), rtol=0, atol=0)
+    assert not torch.allclose(joint(x)[1], z, atol=1e-3)  # joint statistics are different numbers
+
+
+def test_projection_head_without_output_bn(tmp_path):
+    torch.manual_seed(0)
+    head = ProjectionHead(64, out_bn=False)
+    last = head.net[-1]
+    assert isinstance(last, torch.nn.Linear) and last.bias is not None and len(head.net) == 4
+    assert head.config["out_bn"] is False and "out_bn" not in ProjectionHead(64).config
+    h = torch.randn(5, 64)
+    torch.testing.assert_close(head(h), last(torch.relu(head.net[1](head.net[0](h)))))
+    enc = build_encoder("resnet18", width=0.25)
+    head = ProjectionHead(enc.feature_dim, out_bn=False)
+    save_encoder(tmp_path / "encoder.pt", enc, head=head)
+    from_export = load_head(tmp_path / "encoder.pt", load_encoder(tmp_path / "encoder.pt")[1])
+    save_atomic({"format": "simclr-encoder", "encoder_config": enc.config, "model": SimCLR(enc, head).state_dict(),
+                 "args": {"proj_hidden_dim": None, "proj_dim": 128, "proj_layers": 2, "proj_out_bn": False}},
+                tmp_path / "ckpt.pt")
+    from_full = load_head(tmp_path / "ckpt.pt", load_encoder(tmp_path / "ckpt.pt")[1])
+    h = torch.randn(4, enc.feature_dim)
+    for loaded in (from_export, from_full):
+        torch.testing.assert_close(loaded.eval()(h), head.eval()(h), rtol=0, atol=0)

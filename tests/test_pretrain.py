@@ -61,6 +61,16 @@ def test_sgd_optimizer_decays_and_steps_every_parameter_alike(run, tmp_path):
     assert all(g["trust_ratio"] is False and g["exclude_1d"] is False and g["weight_decay"] == 5e-4 for g in groups)
 
 
+def test_flags_beyond_the_official_recipe_reach_the_saved_model(run, tmp_path):
+    run("pretrain.py", *TINY, "--epochs", "1", "--out", "out", "--input-norm", "imagenet", "--conv-init", "pytorch",
+        "--bn-per-view", "--no-proj-out-bn")
+    encoder, ckpt = load_encoder(tmp_path / "out" / "encoder.pt")
+    assert encoder.config["input_norm"] == "imagenet" and encoder.normalise_input
+    assert ckpt["head_config"]["out_bn"] is False and "net.3.bias" in ckpt["head"]
+    args = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["args"]
+    assert args["bn_per_view"] is True and args["conv_init"] == "pytorch" and args["proj_out_bn"] is False
+
+
 def test_resume_continues_exactly(run, tmp_path):
     run("pretrain.py", *TINY, "--epochs", "3", "--out", "straight")
     # Epoch 1 of a 1-epoch run has the same learning rates as epoch 1 of a 3-epoch

@@ -22,7 +22,8 @@
    input scaling it was trained with: [0, 1] for ours, ImageNet mean/std for lightly's), weighted
    kNN (features.knn_accuracy, k = 200, t = 0.1) and a multinomial logistic regression on
    standardised features (full-batch L-BFGS, mean cross-entropy + ||W||^2 / (2 C n), scikit-learn's
-   default objective with C = 1). Raw pixels (the --image-size eval image, flattened) get the same.
+   default objective with C = 1). Raw pixels (the --image-size eval image, flattened) and the
+   untrained encoder pretrain.py starts from (its default init, seeded with each --seed) get the same.
 
 Runs that finished are reused (WORK/runs/NAME-seedS), so the command can be repeated or extended.
 The table is printed and written to WORK/results.json.
@@ -44,6 +45,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from augment import EvalTransform  # noqa: E402
 from features import knn_accuracy  # noqa: E402
+from model import build_encoder, load_encoder  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # lightly's IMAGENET_NORMALIZE
 # Issue 22's command beyond the shared budget, with the weight decay that was then its default
@@ -188,7 +190,6 @@ def run_ours(name, flags, seed, split, args):
     print("$", shlex.join(cmd), flush=True)
     t = time.time()
     subprocess.run(cmd, check=True)
-    from model import load_encoder
     encoder, _ = load_encoder(os.path.join(out, "encoder.pt"))
     save_features(feats, encoder, split, args, train_seconds=round(time.time() - t, 1), command=shlex.join(cmd))
     return feats
@@ -276,6 +277,11 @@ def main():
     train_x, train_y = eval_images(os.path.join(split, "train"), args.image_size)
     test_x, test_y = eval_images(os.path.join(split, "val"), args.image_size)
     results["raw pixels"] = [scores(train_x.flatten(1), train_y, test_x.flatten(1), test_y)]
+    results["random init"] = []  # the encoder pretrain.py starts from (its defaults, seed s), untrained
+    for s in args.seeds:
+        torch.manual_seed(s)
+        encoder = build_encoder(args.arch, args.width, cifar_stem=args.image_size <= 32)
+        results["random init"].append(scores(encode(encoder, train_x), train_y, encode(encoder, test_x), test_y))
     for name, paths in runs.items():
         results[name] = []
         for path in paths:
