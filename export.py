@@ -194,10 +194,27 @@ def export_features(args, encoder, ckpt):
     # eval mode: BN uses the statistics from pretraining, as in the evaluation scripts
     feats, _ = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
                                 what="features")
-    tmp = f"{args.out}.tmp.{os.getpid()}.npz"  # np.savez adds .npz to a name without it
-    np.savez(tmp, features=feats.float().cpu().numpy(), paths=np.array([p for p, _ in images.samples]))
-    os.replace(tmp, args.out)
+    write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.float().cpu().numpy(),
+                                                paths=np.array([p for p, _ in images.samples])),
+                 suffix=".npz")  # np.savez adds .npz to a name without it
     print(f"wrote {args.out}: features {tuple(feats.shape)} float32 and paths ({len(images)})", flush=True)
+
+
+def write_atomic(path, write, suffix=""):
+    """write(tmp) to a temporary file, then rename it to path, as model.save_atomic does for torch.save:
+    a failed write leaves neither a half-written file at path nor the temporary one."""
+    tmp = f"{path}.tmp.{os.getpid()}{suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _dump_pickle(obj, path):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
 
 
 def main(argv=None):
@@ -220,10 +237,7 @@ def main(argv=None):
         return
     checkpoint = detectron2_checkpoint(encoder)
     warn_tf_pool(encoder, "detectron2")
-    tmp = f"{args.out}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump(checkpoint, f)
-    os.replace(tmp, args.out)
+    write_atomic(args.out, lambda tmp: _dump_pickle(checkpoint, tmp))
     print(f"wrote {args.out}: {len(checkpoint['model'])} tensors of detectron2's ResNet backbone; config:\n  "
           + "\n  ".join(detectron2_config(encoder, args.out)), flush=True)
 
