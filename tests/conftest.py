@@ -26,6 +26,14 @@ def child_env(cuda=False, **extra):
     return env
 
 
+def script_env(torchrun=0, cuda=False):
+    """Environment of a script under test: child_env with the CPU threads fixed (1 per process under
+    torchrun, else $OMP_NUM_THREADS or 2). Runs that are compared bitwise need the same count: the
+    CPU kernels split their sums by thread, so 1 and 2 threads differ in the last bits, and a
+    process started without OMP_NUM_THREADS takes as many as its CPU affinity allows."""
+    return child_env(cuda, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
     with socket.socket() as s:
@@ -37,7 +45,7 @@ def run_script(args, cwd, torchrun=0, timeout=600, cuda=False):
     """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess, on the
     CPU unless cuda=True. One that has not exited after `timeout` seconds is killed with all its
     processes and fails the test."""
-    env = child_env(cuda, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+    env = script_env(torchrun, cuda)
     script = os.path.join(ROOT, args[0])
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, child_env, communicate, run_script, wait_for_line
+from conftest import ROOT, TINY, child_env, communicate, run_script, script_env, wait_for_line
 from model import read_checkpoint
 
 SCRIPT = os.path.join(ROOT, "pretrain.py")
@@ -21,11 +21,9 @@ SCRIPT = os.path.join(ROOT, "pretrain.py")
 
 def start(args, cwd, torchrun=0):
     """Start pretrain.py in its own process group (so signals reach its workers as a scheduler's would)."""
-    env = child_env()
+    env = script_env(torchrun)  # the threads of run_script's runs: bitwise comparisons need the same count
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
                 if torchrun else [sys.executable])
-    if torchrun:
-        env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen(launcher + [SCRIPT, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
