@@ -44,7 +44,6 @@ import argparse
 import gc
 import importlib.util
 import io
-import json
 import os
 import platform
 import resource
@@ -66,6 +65,7 @@ from augment import SimCLRViews
 from lars import LARS
 from loss import nt_xent
 from model import ProjectionHead, SimCLR, build_encoder
+import output
 from distributed import AMP_DTYPES, Context, add_amp_flags, grad_scaler, resolve_amp
 from pretrain import forward_backward, is_out_of_memory, to_device_views, train_step
 
@@ -591,10 +591,12 @@ def cpu_model():
 
 
 def write_json(path, results):
-    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole
+    file; one that cannot write stops with one line (the numbers so far are printed above it)."""
+    try:
+        output.write_json(path, results, "--json")
+    except output.WriteError as e:
+        sys.exit(f"bench.py: error: {e}")
 
 
 def main():
@@ -613,6 +615,11 @@ def main():
     for name in names:
         if name not in sections:
             sys.exit(f"bench.py: error: unknown section {name!r}; choose from {', '.join(sections)}")
+    if args.json:  # before the long measurements: the folder made, a probe written there
+        try:
+            output.check_file(args.json, "--json")
+        except output.WriteError as e:
+            sys.exit(f"bench.py: error: {e}")
     failed = []
     for name in names:
         try:

@@ -373,13 +373,14 @@ class FolderImages(Dataset):
 
 
 def describe(dataset, name, data_dir, split="train"):
-    """One line for the start of a run: how many images (and classes) a split has, and for a folder
-    what its listing left out."""
+    """One line for the start of a run: how many images (and classes) a split ("train", "test", or
+    None: no word for it) has, and for a folder what its listing left out."""
     classes = len(getattr(dataset, "classes", []) or [])
     left_out = getattr(dataset, "left_out", None) or getattr(getattr(dataset, "dataset", None), "left_out", None)
     where = {"imagefolder": f" under {os.path.join(data_dir, 'val' if split == 'test' else 'train')}",
              "folder": f" under {data_dir}"}.get(name, "")
-    text = f"{name}: {len(dataset)} {'test' if split == 'test' else 'training'} images{where}"
+    kind = {"test": "test ", "train": "training ", None: ""}[split]
+    text = f"{name}: {len(dataset)} {kind}images{where}"
     text += f" in {classes} classes" if classes else ""
     if left_out:
         text += " (left out while listing: " + ", ".join(f"{n} {what}" for what, n in sorted(left_out.items())) + ")"

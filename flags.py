@@ -5,9 +5,12 @@ one line that names the flag, the interval and the value given.
                           "epochs": "[1, inf)"})
 
 Intervals are written as in mathematics: "[0, 1)" takes 0 and not 1, "inf" is unbounded.
-Flags whose value is None (not given, no default) are left alone.
+Flags whose value is None (not given, no default) are left alone. image_size_problem: the
+smallest --image-size the encoder's stem takes (model.min_image_size).
 """
 import math
+
+from model import min_image_size
 
 
 def _interval(text):
@@ -44,3 +47,14 @@ def check(error, args, intervals):
         message = problem(name, getattr(args, name), interval)
         if message:
             error(message)
+
+
+def image_size_problem(size, cifar_stem):
+    """The complaint about --image-size `size` for an encoder with (or without) the CIFAR stem, or None:
+    below model.min_image_size the last stage gets a 1x1 map."""
+    least = min_image_size(cifar_stem)
+    if size is None or size >= least:
+        return None
+    return (f"--image-size {size} is below the {least} px the encoder's {'CIFAR' if cifar_stem else 'ImageNet'} "
+            f"stem needs: smaller images reach layer 4 as a 1x1 map, whose 3x3 convolutions see one pixel among "
+            f"zero padding")

@@ -54,7 +54,7 @@ from features import extract_features, knn_accuracy
 from lars import LARS, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
 from model import (CHECKPOINT_FORMAT, ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR,
-                   build_encoder, min_image_size, read_checkpoint, save_atomic, save_encoder, tensor_bytes, unwrap)
+                   build_encoder, read_checkpoint, save_atomic, save_encoder, tensor_bytes, unwrap)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -194,10 +194,8 @@ def get_args(argv=None):
     if args.workers is None:
         args.workers = data.default_workers()
     flags.check(p.error, args, NUMBER_RANGES)
-    if args.image_size < min_image_size(args.cifar_stem):
-        p.error(f"--image-size {args.image_size} is below the {min_image_size(args.cifar_stem)} px the "
-                f"{'CIFAR' if args.cifar_stem else 'ImageNet'} stem needs: smaller images reach layer 4 as a 1x1 map, "
-                "whose 3x3 convolutions see one pixel among zero padding (model.min_image_size)")
+    if flags.image_size_problem(args.image_size, args.cifar_stem):
+        p.error(flags.image_size_problem(args.image_size, args.cifar_stem))
     if args.sk_ratio and not (0 < args.sk_ratio < 1 and args.arch in ("resnet50", "resnet101", "resnet152")):
         p.error(f"--sk-ratio {args.sk_ratio:g}: selective kernels need 0 < ratio < 1 (SimCLRv2: 0.0625) and a "
                 "bottleneck --arch (resnet50/101/152); the official code builds no SK ResNet-18/34")
@@ -497,7 +495,7 @@ def build_data(args, ctx, per_rank):
 
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
     if ctx.master:
-        print(data.describe(raw, args.dataset, args.data_dir), flush=True)
+        print(data.describe(raw, args.dataset, args.data_dir, None), flush=True)
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
