@@ -65,6 +65,7 @@ from augment import SimCLRViews
 from lars import LARS
 from loss import nt_xent
 from model import ProjectionHead, SimCLR, build_encoder
+import flags
 import output
 from distributed import AMP_DTYPES, Context, add_amp_flags, grad_scaler, resolve_amp
 from pretrain import forward_backward, is_out_of_memory, to_device_views, train_step
@@ -107,6 +108,9 @@ def get_args():
     args.loss_sizes = [int(v) for v in (args.loss_sizes or ("2048,8192,32768" if cuda else "2048,4096,8192,32768")).split(",")]
     args.epoch_images = args.epoch_images or (50_000 if cuda else 1024)
     args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
+    flags.check(p.error, args, {name: "[1, inf)" for name in ("image_size", "batch_size", "steps", "view_images",
+                                                              "rounds", "memory_rounds", "epoch_images")}
+                | {"workers": "[0, inf)", "memory_width": "(0, inf)"})
     return args
 
 

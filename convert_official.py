@@ -40,6 +40,7 @@ import sys
 import numpy as np
 import torch
 
+import flags
 import output
 from model import ARCHS, BasicBlock, ProjectionHead, build_encoder, save_encoder, tensor_bytes
 
@@ -434,7 +435,9 @@ def get_args(argv=None):
     p.add_argument("--ema", action="store_true",
                    help="take every trained variable from its ExponentialMovingAverage copy (checkpoints of runs "
                         "that kept one); BN moving statistics as stored")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    flags.check(p.error, args, {"head_layer": "[0, inf)"})
+    return args
 
 
 def resolve_prefix(path):

@@ -91,17 +91,18 @@ def writing(path, flag="--out", needed=None, after=""):
         raise WriteError(failure_text(e, path, flag, needed) + after) from None
 
 
-def check_folder(folder, flag="--out", create=True):
+def check_folder(folder, flag="--out", create=True, target=None):
     """Stop with a WriteError unless files can be written in `folder`. create=False: only what can
     be told without making anything (no file in the way, not a read-only file system, write
     permission, a probe file when the folder exists); create=True: the folder is made and a probe
-    file written and removed in it."""
+    file written and removed in it. target: the file to be written there, named in the messages."""
     folder = folder or "."
+    what = f"cannot write {target}: " if target else f"{flag} "
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise WriteError(f"{flag} {folder} is a file, not a folder; move that file away or choose another {flag}")
+        raise WriteError(f"{what}{folder} is a file, not a folder; move that file away or choose another {flag}")
     blocker = _file_in_the_way(folder)
     if blocker:
-        raise WriteError(f"cannot make {folder}: {blocker} is a file, not a folder; move that file away "
+        raise WriteError(f"cannot write {target or folder}: {blocker} is a file, not a folder; move that file away "
                          f"or choose another {flag}")
     if not os.path.isdir(folder):
         base = _existing(folder)
@@ -111,14 +112,14 @@ def check_folder(folder, flag="--out", create=True):
             except OSError:
                 read_only = False
             if read_only:
-                raise WriteError(failure_text(OSError(errno.EROFS, "read-only"), folder, flag))
+                raise WriteError(failure_text(OSError(errno.EROFS, "read-only"), target or folder, flag))
             if not os.access(base, os.W_OK | os.X_OK):
-                raise WriteError(failure_text(OSError(errno.EACCES, "permission denied"), folder, flag))
+                raise WriteError(failure_text(OSError(errno.EACCES, "permission denied"), target or folder, flag))
             return
-        with writing(folder, flag):
+        with writing(target or folder, flag):
             os.makedirs(folder, exist_ok=True)
     probe = os.path.join(folder, f".write-probe.{os.getpid()}")
-    with writing(probe, flag):
+    with writing(target or folder, flag):
         try:
             with open(probe, "wb") as f:
                 f.write(b"\0" * 4096)
@@ -133,7 +134,7 @@ def check_file(path, flag="--out", create_folder=True):
     """check_folder for the folder of a file to be written, and that path is not a folder itself."""
     if os.path.isdir(path):
         raise WriteError(f"{flag} {path} is a folder; {flag} must name a file")
-    check_folder(os.path.dirname(path), flag, create_folder)
+    check_folder(os.path.dirname(path), flag, create_folder, target=path)
 
 
 def write_atomic(path, write, flag="--out", needed=None, suffix=""):

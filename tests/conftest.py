@@ -41,10 +41,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_script(args, cwd, torchrun=0, timeout=600, cuda=False):
+def pinned(cpus):
+    """preexec_fn for subprocess: run the child on these CPUs only (as `taskset -c` or a scheduler
+    would), or None for no restriction."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def run_script(args, cwd, torchrun=0, timeout=600, cuda=False, cpus=None):
     """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess, on the
-    CPU unless cuda=True. One that has not exited after `timeout` seconds is killed with all its
-    processes and fails the test."""
+    CPU unless cuda=True, pinned to the CPUs `cpus` when given. One that has not exited after
+    `timeout` seconds is killed with all its processes and fails the test."""
     env = script_env(torchrun, cuda)
     script = os.path.join(ROOT, args[0])
     if torchrun:
@@ -52,7 +58,7 @@ def run_script(args, cwd, torchrun=0, timeout=600, cuda=False):
     else:
         cmd = [sys.executable, script]
     proc = subprocess.Popen(cmd + [str(a) for a in args[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=pinned(cpus))
     out, err = communicate(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

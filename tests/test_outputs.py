@@ -125,6 +125,7 @@ def test_unwritable_out_is_one_line_before_any_work(read_only, tmp_path, encoder
     blocker.write_text("a file where a folder should be")
     cases = [  # (script, args, the line's text)
         (pretrain, [*TINY, "--epochs", "1", "--out", read_only / "run"], "read-only file system"),
+        (pretrain, [*TINY, "--epochs", "1", "--out", read_only], "read-only file system"),  # the folder exists
         (pretrain, [*TINY, "--epochs", "1", "--out", blocker / "run"], f"{blocker} is a file, not a folder"),
         (pretrain, [*TINY, "--epochs", "1", "--out", blocker], f"--out {blocker} is a file, not a folder"),
         (linear_eval, [encoder_file, *EVAL, "--out", read_only / "r.json"], "read-only file system"),
@@ -165,8 +166,8 @@ def test_a_disk_that_fills_up_stops_the_run_and_keeps_the_last_checkpoint(tmp_pa
         monkeypatch.setattr(model, "save_atomic", third_save_fails)
         monkeypatch.setattr(pretrain, "save_atomic", third_save_fails)
     try:
-        code, out, err = run_main(pretrain, [*TINY, "--epochs", "2", "--knn-every", "0", "--out", disk / "run"],
-                                  capsys, monkeypatch)
+        code, out, err = run_main(pretrain, [*TINY, "--synthetic-size", "32", "--epochs", "2", "--knn-every", "0",
+                                             "--out", disk / "run"], capsys, monkeypatch)
         lines = error_lines(err, "pretrain")
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
         assert f"no space left on device writing {disk / 'run' / 'ckpt.pt'} (about " in lines[0]

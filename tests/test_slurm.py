@@ -82,12 +82,12 @@ def fake_slurm(tmp_path, python=None):
     for name, text in [("srun", FAKE_SRUN.format(python=sys.executable)), ("scontrol", FAKE_SCONTROL)]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    if python:
-        (bin_dir / "python").write_text(python)
-        (bin_dir / "python").chmod(0o755)
-    else:
-        (bin_dir / "python").symlink_to(sys.executable)
-    env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_LOG=str(log), OMP_NUM_THREADS="1",
+    # `python` is this test's interpreter: a script that starts it by its own path (a symbolic link would
+    # not do: Python finds a virtual environment beside the path it was started by, the link's folder)
+    (bin_dir / "python").write_text(python or f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])  # torchrun too
+    env = child_env(PATH=path, FAKE_SLURM_LOG=str(log), OMP_NUM_THREADS="1",
                     SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="1",
                     SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="1", MASTER_PORT=str(free_port()))
     return env, log
