@@ -19,8 +19,9 @@ import os
 from contextlib import contextmanager
 
 
-class WriteError(Exception):
-    """An output that cannot be written; the message says why and what to do."""
+class WriteError(OSError):
+    """An output that cannot be written; the message says why and what to do. An OSError, so code
+    that handles a failed write as one (hubconf.py) handles this too."""
 
 
 def size_text(n):
