@@ -331,7 +331,7 @@ def out_of_memory_text(args, ctx, per_rank, step, kept):
     ways += [f"more GPUs for the same --batch-size {args.batch_size}",
              "a smaller --batch-size with --lr-scaling sqrt (the paper's choice for small batches)"]
     return (f"out of memory at step {step + 1}: {per_rank} images ({2 * per_rank} views) of {args.image_size} px "
-            f"{where}. Ways out: {'; '.join(ways)}. {kept[0].upper() + kept[1:]}")
+            f"{where}. Ways out: {'; '.join(ways)}. On disk: {kept}")
 
 
 def main():
