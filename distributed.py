@@ -153,7 +153,9 @@ def resolve_amp(choice, device, train=True):
         if choice == "auto":
             choice = "bf16" if native_bf16 else "fp16"
         if choice == "bf16" and not native_bf16:
-            if not torch.cuda.is_bf16_supported():
+            with torch.cuda.device(device):  # is_bf16_supported() asks about the current GPU
+                emulated = torch.cuda.is_bf16_supported()
+            if not emulated:
                 fail(f"--amp bf16: the {gpu} has no bf16 and torch {torch.__version__} does not emulate it; "
                      "use --amp fp16 (or auto)")
             return "bf16", f"amp: bf16 as asked ({gpu}, no bf16 units: emulated, slow; --amp fp16 is fast here)"

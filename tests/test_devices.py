@@ -222,6 +222,32 @@ def test_compile_is_accepted_for_one_process_under_torchrun(fake_gpus, monkeypat
     assert "--compile with several CUDA processes" in capsys.readouterr().err
 
 
+def test_resolve_amp_asks_about_the_gpu_it_is_given(monkeypatch, capsys):
+    """torch.cuda.is_bf16_supported() answers for the current GPU (torch/cuda/__init__.py):
+    --amp bf16 on a T4 at index 1, while an A100 at index 0 is current, is refused (torch 2.1-2.3,
+    which do not emulate bf16) as on the T4 alone."""
+    current, capability = [0], {0: (8, 0), 1: (7, 5)}
+
+    class Device:  # torch.cuda.device: its GPU is the current one inside the block
+        def __init__(self, device):
+            self.index = _cuda(device).index
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[_cuda(device).index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: capability[current[0]][0] >= 8)
+    assert distributed.resolve_amp("bf16", torch.device("cuda", 0))[0] == "bf16"
+    with pytest.raises(SystemExit):
+        distributed.resolve_amp("bf16", torch.device("cuda", 1))
+    assert "has no bf16" in capsys.readouterr().err and current == [0]
+
+
 # ----------------------------------------------------------------------------
 # No LOCAL_RANK as a device, anywhere
 

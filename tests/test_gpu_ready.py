@@ -5,6 +5,7 @@ each sees one (SLURM --gpus-per-task=1), TF32 only where it is only speed, the G
 features may use, cuDNN/cuBLAS allocation failures as out of memory, /dev/shm too small for
 the data workers, the CPUs a process may use, and rank 0's slow preparation outliving the
 collective timeout."""
+import contextlib
 import json
 import os
 import types
@@ -25,6 +26,7 @@ from model import ProjectionHead, SimCLR, build_encoder
 
 
 def fake_gpu(monkeypatch, name, capability, bf16_emulated=True):
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # (one GPU: always current)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: capability[0] >= 8 or bf16_emulated)
