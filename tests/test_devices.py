@@ -271,11 +271,13 @@ def project_files():
 
 def local_rank_as_device(source, path):
     """(line, code) of every place in `source` where local_rank feeds a device."""
-    tree = ast.parse(source)
+    if "local_rank" not in source:
+        return []
     found = []
 
     def mentions(node):
-        return node is not None and re.search(r"\blocal_rank\b", ast.get_source_segment(source, node) or "")
+        return node is not None and any(getattr(n, "id", None) == "local_rank" or getattr(n, "attr", None) == "local_rank"
+                                        for n in ast.walk(node))
 
     def visit(node, function):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -283,17 +285,17 @@ def local_rank_as_device(source, path):
         if (path, function) not in DECIDES:
             if isinstance(node, ast.Call):
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                qualified = ast.get_source_segment(source, node.func) or ""
-                if ((name in DEVICE_CALLS or qualified.startswith("torch.cuda.")) and any(map(mentions, node.args))) \
+                if ((name in DEVICE_CALLS or ast.unparse(node.func).startswith("torch.cuda."))
+                        and any(map(mentions, node.args))) \
                         or any(k.arg in DEVICE_KEYWORDS and mentions(k.value) for k in node.keywords):
                     found.append((node.lineno, ast.get_source_segment(source, node)))
-            elif isinstance(node, ast.JoinedStr) and "cuda:" in (ast.get_source_segment(source, node) or "") \
-                    and mentions(node):
+            elif isinstance(node, ast.JoinedStr) and mentions(node) and any(
+                    isinstance(v, ast.Constant) and "cuda:" in str(v.value) for v in node.values):
                 found.append((node.lineno, ast.get_source_segment(source, node)))
         for child in ast.iter_child_nodes(node):
             visit(child, function)
 
-    visit(tree, None)
+    visit(ast.parse(source), None)
     return found
 
 
