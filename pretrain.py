@@ -24,8 +24,9 @@ also OUT/tensorboard). With --knn-every K (default 10; off for imagefolder, and 
 --knn-data names a labelled folder) the encoder's weighted kNN accuracy on the labelled split is
 logged every K epochs.
 
-Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 another process died,
-5 out of memory, 128 + N stopped by signal N (saved; resume with --resume).
+Exit status: 0 done, 2 bad input or an --out that cannot be written (read-only, full, a file in the
+way), 3 non-finite loss, 4 another process died, 5 out of memory, 128 + N stopped by signal N (saved;
+resume with --resume).
 """
 import argparse
 import datetime
