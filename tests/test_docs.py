@@ -370,3 +370,13 @@ def test_slugs_follow_github():
     assert slug("A [link](x.md) & the_flag") == "a-link--the_flag"
     text = "# Results\n## Results\n```\n# Results\n```\n## Results\n"
     assert anchors(text) == {"results", "results-1", "results-2"}
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """README.md's test command (the one with pytest in the first code block) is what .ci/run runs."""
+    first_block = next(text for kind, _, text in blocks(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read())
+                       if kind == "code")
+    command = [line for line in first_block.splitlines() if "pytest" in line and not line.lstrip().startswith("#")]
+    assert len(command) == 1, "README.md's first code block should hold one test command"
+    ci = [line.strip() for line in open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8")]
+    assert command[0].strip() in ci, f".ci/run does not run README.md's test command: {command[0].strip()}"
