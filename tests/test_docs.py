@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT, child_env
 
 SCRIPTS = ("pretrain.py", "linear_eval.py", "finetune.py", "export.py", "convert_official.py", "bench.py",
-           "augment.py")
+           "augment.py", "hubconf.py")
 # Scripts that take a script's flags on its behalf.
 WRAPPERS = {"tools/pretrain.sbatch": "pretrain.py"}
 # Flags of the launchers and programs the docs show beside ours.
@@ -217,11 +217,11 @@ class _Parser(Exception):
 
 
 def parser_flags(script):
-    """Every option string of SCRIPT's parser (--help included): its get_args (main for augment.py)
+    """Every option string of SCRIPT's parser (--help included): its get_args (main for augment.py, _main for hubconf.py)
     is run in this process with parsing stopped, so nothing else of the script runs. A script
     whose parser cannot be caught so is asked for --help in a child process instead."""
     module = importlib.import_module(script[:-3])
-    entry = getattr(module, "get_args", None) or getattr(module, "main")
+    entry = getattr(module, "get_args", None) or getattr(module, "main", None) or getattr(module, "_main")
 
     def stop(self, *args, **kwargs):
         raise _Parser(self)
