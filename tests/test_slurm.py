@@ -82,10 +82,14 @@ def fake_slurm(tmp_path, python=None):
     for name, text in [("srun", FAKE_SRUN.format(python=sys.executable)), ("scontrol", FAKE_SCONTROL)]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    # `python` is this test's interpreter: a script that starts it by its own path (a symbolic link would
-    # not do: Python finds a virtual environment beside the path it was started by, the link's folder)
-    (bin_dir / "python").write_text(python or f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python").chmod(0o755)
+    if python:
+        (bin_dir / "python").write_text(python)
+        (bin_dir / "python").chmod(0o755)
+    else:
+        # a wrapper, not a symbolic link: a link to a venv's python (itself a link to the base
+        # interpreter) starts the base interpreter without the venv's packages
+        (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / "python").chmod(0o755)
     path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])  # torchrun too
     env = child_env(PATH=path, FAKE_SLURM_LOG=str(log), OMP_NUM_THREADS="1",
                     SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="1",
