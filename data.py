@@ -138,9 +138,11 @@ class SyntheticImages(Dataset):
 
 # ----------------------------------------------------------------------------
 
-def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
+def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512, encoded=False):
     """(PIL image, label) pairs. split: 'pretrain' (STL-10: train+unlabeled), 'train', or 'test'.
-    image_size and synthetic_size only concern the synthetic set."""
+    image_size and synthetic_size only concern the synthetic set; encoded only the folders
+    (imagefolder, folder): their JPEGs come as the file's bytes, for views that decode them at the
+    scale their crops need (augment.SimCLRViews(scaled_decode=True); see load_image)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in ("pretrain", "train", "test"):
@@ -150,12 +152,12 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
         n = synthetic_size if train else max(len(SYNTHETIC_CLASSES), synthetic_size // 4)
         return SyntheticImages(n, image_size, train=train)
     if name == "imagefolder":
-        return _image_folder(data_dir, "val" if split == "test" else "train")
+        return _image_folder(data_dir, "val" if split == "test" else "train", encoded)
     if name == "folder":
         if split != "pretrain":
             raise DataError("--dataset folder has no labels, so it cannot be evaluated on; evaluate on a labelled "
                             "folder: --dataset imagefolder --data-dir DIR (DIR/train/CLASS/*, DIR/val/CLASS/*)")
-        return FolderImages(data_dir)
+        return FolderImages(data_dir, encoded)
 
     from torchvision import datasets
     if name == "stl10":
@@ -226,28 +228,35 @@ class GrayAsRGB(Dataset):
         return img.convert("RGB"), label
 
 
-def load_image(path):
+def load_image(path, encoded=False):
     """An image file as uint8 (3, H, W) RGB (channels-last), what the views are made from.
     JPEGs are decoded by torchvision's libjpeg-turbo into a tensor directly (the same pixels as
     PIL's, and faster end to end: PIL's decode is about as fast, but its pixels then cost a
     copy out of PIL); other formats, and JPEGs that decoder refuses, by PIL, whose error (for
-    a file neither can read) says why."""
+    a file neither can read) says why. encoded: a JPEG comes back as the file's bytes, undecoded,
+    for views that decode it at the scale their crops need (a file that turns out unreadable then
+    raises augment.DecodeError there, which SeededTransform counts as unreadable too)."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:3] == augment.JPEG_MAGIC:
-        return augment.decode(data)
+        return data if encoded else augment.decode(data)
     with Image.open(path) as img:
         return augment.pixels(img).permute(2, 0, 1)
 
 
-def _image_folder(data_dir, sub):
+def load_encoded(path):
+    """load_image(path, encoded=True), a plain function (ImageFolder's loader crosses to the workers)."""
+    return load_image(path, encoded=True)
+
+
+def _image_folder(data_dir, sub, encoded=False):
     from torchvision.datasets import ImageFolder
     root = os.path.join(data_dir, sub)
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory; --data-dir must hold the ImageNet layout "
                         f"{sub}/CLASS/IMAGE (e.g. {os.path.join(root, 'n01440764', 'x.JPEG')})")
     try:
-        return ImageFolder(root, loader=load_image)
+        return ImageFolder(root, loader=load_encoded if encoded else load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
 
@@ -291,24 +300,24 @@ def list_images(root):
 
 class FolderImages(Dataset):
     """Every image under `root` in any layout, unlabeled: dataset[i] = (uint8 (3, H, W) RGB, -1),
-    read by load_image as the ImageNet folders are.
+    read by load_image as the ImageNet folders are (encoded: JPEGs as their bytes).
     `samples` holds (path, -1) pairs in list_images' sorted order."""
 
-    def __init__(self, root):
+    def __init__(self, root, encoded=False):
         if not os.path.isdir(root):
             raise DataError(f"{root} is not a directory; --dataset folder reads every image under --data-dir")
         paths = list_images(root)
         if not paths:
             raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files in any case, "
                             "in every folder below it, hidden ones left out); is --data-dir the right folder?")
-        self.root, self.samples = root, [(p, -1) for p in paths]
+        self.root, self.samples, self.encoded = root, [(p, -1) for p in paths], encoded
         self.classes = []
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return load_image(self.samples[i][0]), -1
+        return load_image(self.samples[i][0], self.encoded), -1
 
 
 def num_classes(dataset):
@@ -407,6 +416,8 @@ class SeededTransform(Dataset):
     An image that cannot be read (corrupt, truncated, not an image) is replaced by
     the next readable one, reported once per worker on stderr, and flagged in
     `unreadable` (1 for that sample); with strict=True it raises DataError instead.
+    Unreadable means: reading it from the dataset fails, or the transform cannot decode what
+    the dataset handed over undecoded (augment.DecodeError; JPEG bytes for the scaled decode).
     """
 
     def __init__(self, dataset, transform, seed=0, strict=False):
@@ -426,19 +437,27 @@ class SeededTransform(Dataset):
             j = (i + attempt) % len(self.dataset)
             try:
                 img, label = self.dataset[j]
-                break
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-                reason = f"{self._name(j)} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-                if self.strict:
-                    raise DataError(f"cannot read {reason}; remove or replace the file "
-                                    "(without --strict-data unreadable images are skipped)") from None
-                if j not in self._reported:
-                    self._reported.add(j)
-                    print(f"warning: skipping unreadable image {reason}", file=sys.stderr, flush=True)
-        else:
-            raise DataError(f"none of the {len(self.dataset)} images can be read")
-        generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, i))
-        return self.transform(img, generator), label, int(attempt > 0)  # 1: image i itself was unreadable
+                self._unreadable(j, f"{type(e).__name__}: {str(e)}")
+                continue
+            # seeded from i whichever image stands in: its draws do not depend on which one could be read
+            generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, i))
+            try:
+                out = self.transform(img, generator)
+            except augment.DecodeError as e:  # the image came undecoded and its decode failed here
+                self._unreadable(j, str(e))
+                continue
+            return out, label, int(attempt > 0)  # 1: image i itself was unreadable
+        raise DataError(f"none of the {len(self.dataset)} images can be read")
+
+    def _unreadable(self, j, error):
+        reason = f"{self._name(j)} ({' '.join(error.split())[:160]})"
+        if self.strict:
+            raise DataError(f"cannot read {reason}; remove or replace the file "
+                            "(without --strict-data unreadable images are skipped)") from None
+        if j not in self._reported:
+            self._reported.add(j)
+            print(f"warning: skipping unreadable image {reason}", file=sys.stderr, flush=True)
 
 
 class EpochTagged(Sampler):
