@@ -40,14 +40,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Subset
 
 import data
 from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, grad_scaler, rank0_first, resolve_amp, run,
-                         setup, write_results)
+                         setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, ProjectionHead, build_encoder, load_encoder, load_head, pretrain_settings
@@ -217,7 +216,6 @@ def build_data(args, ctx):
     args.batch_size, note = data.fit_batch(len(chosen), args.batch_size, ctx.world, "the labelled subset",
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
-    data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2 * 4)  # float32 images per batch
     if note and ctx.master:
         print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     return SimpleNamespace(args=args, ctx=ctx, train_raw=train_raw, test_raw=test_raw, chosen=chosen,
@@ -236,11 +234,7 @@ def build_model(job, encoder, proj):
     net = nn.Sequential(trunk, head).to(ctx.device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    model = net
-    if ctx.ddp:
-        if ctx.cuda:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    model = wrap_ddp(net, ctx)  # torchrun: SyncBatchNorm over several GPUs, DDP on ctx.device; `net` stays live
     scaler = grad_scaler(args.amp, ctx.device)  # fp16 only
     optimizer = torch.optim.SGD(model.parameters(), lr=job.peak_lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay, **sgd_for_scaler(scaler, ctx.device))
