@@ -10,7 +10,9 @@ wherever the images live:
               (3, size, size): the crop box drawn as TensorFlow draws it for the
               official code, or area-uniform as torchvision (crop_sampler="inception"),
               resized by torch's uint8 antialiased bicubic kernel on channels-last
-              pixels (PIL's filter and arithmetic, several times faster than PIL)
+              pixels (PIL's filter and arithmetic, several times faster than PIL);
+              scaled_decode=True: JPEG bytes decoded at 1/4 or 1/8 of their size where
+              the crops allow (libjpeg's DCT scaling), the same boxes cut from there
   distort     per batch, float (B, 3, size, size) in [0, 1], any device: colour
               jitter (p=0.8, the four operations in a random order per image),
               grayscale (p=0.2), Gaussian blur (p=0.5), each image drawing its

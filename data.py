@@ -7,7 +7,9 @@ DIR/val/CLASS/*), folder is every image under a folder in any layout, without
 labels (pretraining only), and synthetic is a labelled set of generated images
 (textures and shapes, no download) for trying the pipeline offline.
 build_dataset returns (image, label) pairs, the image a PIL image, or for imagefolder
-a uint8 (3, H, W) tensor (load_image: JPEGs decoded straight into a tensor); SeededTransform applies a
+a uint8 (3, H, W) tensor (load_image: JPEGs decoded straight into a tensor; with encoded=True the
+folders hand JPEGs over as their bytes, for views that decode them at the scale their crops need,
+augment.SimCLRViews(scaled_decode=True)); SeededTransform applies a
 transform whose randomness is fixed by (seed, epoch, index), so the views do
 not depend on the number of workers or processes and a resumed run sees
 exactly the views it would have seen. Unreadable images are skipped and
