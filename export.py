@@ -351,12 +351,20 @@ def export_neighbours(args, encoder, ckpt):
 PAD = 2  # white pixels around every tile
 
 
+def text_box(draw, text, font):
+    """(left, top, right, bottom) of text drawn at (0, 0): textbbox, or textsize on Pillow < 8 (which
+    torchvision 0.16 still allows)."""
+    if hasattr(draw, "textbbox"):
+        return draw.textbbox((0, 0), text, font=font)
+    return (0, 0, *draw.textsize(text, font=font))
+
+
 def neighbours_picture(rows, similarities, tile):
     """A grid: one row per query, its image and then its neighbours' (a square centre crop of each,
     `tile` px), "query" under the first and each neighbour's similarity under it -> an RGB PIL image
     of PAD + columns x (tile + PAD) by PAD + rows x (tile + label + PAD) pixels."""
     font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "query 0.999", font=font)
+    probe = text_box(ImageDraw.Draw(Image.new("RGB", (1, 1))), "query 0.999", font)
     label = probe[3] - probe[1] + 6  # the text's height and a margin (the font's own size)
     columns = max(len(r) for r in rows)
     canvas = Image.new("RGB", (PAD + columns * (tile + PAD), PAD + len(rows) * (tile + label + PAD)), "white")
@@ -370,7 +378,7 @@ def neighbours_picture(rows, similarities, tile):
             except Exception as e:  # moved or deleted since the features were made
                 fail(f"cannot read {path} for the picture ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
             canvas.paste(Image.fromarray(pixels.permute(1, 2, 0).numpy()), (x, y))
-            box = draw.textbbox((0, 0), text, font=font)
+            box = text_box(draw, text, font)
             draw.text((x + (tile - (box[2] - box[0])) // 2 - box[0], y + tile + 3 - box[1]), text, fill="black", font=font)
     return canvas
 
