@@ -174,3 +174,25 @@ def test_pretrain_decodes_folders_at_the_crops_scale_by_default():
     assert pretrain.get_args(["--dataset", "imagefolder"] + common).scaled_decode is True
     assert pretrain.get_args(["--dataset", "imagefolder", "--no-scaled-decode"] + common).scaled_decode is False
     assert pretrain.get_args(["--dataset", "cifar10", "--data-dir", "d"]).scaled_decode is False
+
+
+def test_pretraining_on_photos_resumes_exactly_with_the_scaled_decode(run, tmp_path):
+    """pretrain.py on a folder of JPEGs whose crops decode at 1/4 and 1/8 (32 px views of 400x300 photos):
+    one epoch and a resume (2 workers, then none) give the weights of a straight 2-epoch run, bit for bit."""
+    for i in range(16):
+        (tmp_path / "photos" / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / f"d{i % 2}" / f"{i:02d}.jpg").write_bytes(photo(400, 300, seed=i))
+    flags = ["--dataset", "folder", "--data-dir", "photos", "--image-size", "32", "--arch", "resnet18", "--width",
+             "0.25", "--batch-size", "8", "--warmup-epochs", "1", "--log-every", "1"]
+    first = run("pretrain.py", *flags, "--epochs", "2", "--out", "straight", "--workers", "0")
+    assert "scaled_decode=True" in first.stdout and '"scaled_decode": true' in first.stdout
+    run("pretrain.py", *flags, "--epochs", "1", "--out", "resumed", "--workers", "2")
+    resumed = run("pretrain.py", *flags, "--epochs", "2", "--out", "resumed", "--workers", "0", "--resume")
+    changed = [line for line in resumed.stdout.splitlines() if "changed settings" in line]
+    assert "resumed from" in resumed.stdout and changed and "scaled_decode" not in changed[0]  # (only --epochs)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    off = run("pretrain.py", *flags, "--epochs", "2", "--out", "resumed", "--workers", "0", "--resume",
+              "--no-scaled-decode")  # nothing left to do, but the change is named
+    assert "'scaled_decode': (True, False)" in off.stdout
