@@ -1,49 +1,25 @@
 """Throughput benchmarks: the view pipeline, the pretraining step, the loss at large batch.
 
-  python bench.py                          # CPU-sized defaults (this is what README reports)
+  python bench.py                          # CPU-sized defaults (what docs/speed.md reports)
   python bench.py --device cuda            # GPU: ResNet-50, 224 px, 256 images per step
   python bench.py --only views,loss        # some sections
   python bench.py --device cuda:1 --amp fp16   # that GPU (every CUDA call names it), fp16 + loss scaling
 
---amp (as pretrain.py's; default auto: bf16 on GPUs of compute capability >= 8.0, fp16 below,
-off on the CPU) sets the encoder's autocast in the step, memory and epoch sections; the loss
-section is float32, as the loss is in training. The first line names the precision. A row
-that runs out of memory is a result ("failed"), and a section that fails is reported while
-the others go on; --json is rewritten after each section.
-
-Sections (every number of a section comes from one run, so ratios are fair on
-a noisy machine):
-  views  per image (two 224 px views) and per CPU core (one process, one thread, the thread's
-         CPU time, so other processes on a shared machine do not count), on the same in-memory
-         500x375 JPEGs, decoded each time; repeats interleaved, medians: the decode alone (PIL's,
-         and torchvision's decode_jpeg, which ours uses: the limit), the GPU path's CPU share
-         (decode + two crop + resize + flips into uint8, what --distort-on device workers do),
-         whole views on the CPU (--distort-on workers: augment.SimCLRViews), and the standard
-         torchvision pipeline (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
-         23x23 GaussianBlur p=0.5, ToTensor, on PIL's decode); each as a multiple of the decode,
-         and torchvision's cost over ours. --views-baseline FILE adds the SimCLRViews of another
-         augment.py (before/after; it gets PIL's decode). Then where the GPU path's time goes
-         on those images (decode, box draws, the copy of each crop, torch's resize kernel, flip,
-         collate). Then the same rows on large photo-like JPEGs (--photo-sizes, default 4032x3024,
-         a 12 MP phone photo, and 1600x1200; --photo-images of each), with and without the scaled
-         decode (augment.CropFlip's scaled_decode: the JPEG decoded at 1/4 or 1/8 where both
-         crops allow, the image folders' default).
-  step   images/s of pretraining steps (pretrain.py's own step functions, LARS, fp16's loss scaler):
-         (a) on batches already on the device: the ceiling; (b) with data workers
-         making whole views (--distort-on workers); (c) with workers only decoding,
-         cropping and flipping into uint8 and the batch distorted on the device
-         (--distort-on device, the CUDA default).
-  loss   time and peak memory of forward + backward of nt_xent (ours, O(N^2) memory)
-         and of the broadcast form several ports use (cosine similarity of
-         (2N, 1, d) against (1, 2N, d): O(N^2 d)), at several 2N with d = 128; sizes
-         whose estimated peak exceeds the memory (see PEAK_OVER_LARGEST) are skipped.
-  memory activation memory of one forward + backward of SimCLR (ResNet-50, 128 views
-         of 96 px on CPU; 224 px and 128 / 256 / 512 images per GPU on CUDA; --amp), without
-         and with activation checkpointing (on CPU the peak RSS growth of a fresh process,
-         on CUDA the allocator's peak above the model), and the time of each (medians of
-         interleaved rounds in one process).
+Sections, each measured in one run so that its ratios are fair on a noisy machine:
+  views  per image and per CPU core (one thread's CPU time): the decode alone, the GPU path's CPU
+         share (decode + crops + flips into uint8), whole views on the CPU, torchvision's pipeline;
+         where the GPU path's time goes; the same on large photo-like JPEGs (--photo-sizes), with
+         and without the scaled decode
+  step   images/s of pretraining steps: (a) batches already on the device, (b) workers making whole
+         views (--distort-on workers), (c) workers cropping, distortion on the device
+  loss   time and peak memory of nt_xent against the broadcast form several ports use
+  memory activation memory and time of a step, without and with activation checkpointing
   epoch  seconds for one epoch of ResNet-18 (CIFAR stem) on generated 32 px images
-         (50,000 on CUDA), the full pretrain.py data path and step.
+--amp sets the encoder's autocast in the step, memory and epoch sections (the loss section is
+float32). A row that runs out of memory is a result ("failed"), a failed section is reported while
+the others go on, and --json is rewritten after each section.
+
+What each section measures, and the numbers: docs/speed.md.
 """
 import argparse
 import gc

@@ -7,36 +7,17 @@ picture of each query image's nearest neighbours.
   python export.py runs/mine/encoder.pt --to neighbours --data-dir photos neighbours.png
   python export.py runs/mine/encoder.pt --to neighbours --features features.npz neighbours.png
 
-Reads encoder.pt or ckpt.pt (pretrain.py, convert_official.py).
+Reads encoder.pt or ckpt.pt (pretrain.py, convert_official.py). torchvision: the state dict under
+torchvision's names; torchvision.models.resnetNN() loads it strictly with fc replaced by
+nn.Identity(), and gives the encoder's features exactly (width 1, ImageNet stem). detectron2: the
+pickle DetectionCheckpointer reads for build_resnet_backbone, and the config lines it needs are
+printed. features: h of every readable image under --data-dir, in sorted path order, to OUT.npz
+(`features` (N, d) float32, `paths` (N,); unreadable images skipped and listed in `unreadable`, or
+--strict-data). neighbours: a picture of each query image and its --k nearest images by cosine
+similarity of h, from --data-dir or a --features file. Selective-kernel encoders and the CIFAR stem
+are refused for torchvision and detectron2 with one line; TensorFlow's max-pool padding gives a warning.
 
-torchvision: the encoder's state dict under torchvision's names, which are this project's at
-width 1; torchvision.models.resnetNN() loads it with fc left out, and then gives the encoder's
-features exactly (with fc replaced by nn.Identity(), or reading avgpool's output):
-
-    net = torchvision.models.resnet50(); net.fc = torch.nn.Identity()
-    net.load_state_dict(torch.load("resnet50_simclr.pth"))     # strict
-
-detectron2: the pickle DetectionCheckpointer reads for the ResNet of build_resnet_backbone
-(stem.conv1, res2-res5 as detectron2 names them; BN as conv*.norm, FrozenBN's four tensors),
-{"model": {name: numpy array}, "__author__": ..., "matching_heuristics": True}. The config
-lines it needs are printed (torchvision's stride placement, RGB in [0, 1], the width).
-
-Both need the ImageNet stem (not --cifar-stem); torchvision also width 1. An encoder with
-TensorFlow's max-pool padding (converted official checkpoints) is exported with a warning
-that gives the size of the feature shift torchvision's and detectron2's padding cause.
-
-features: h = f(x) for every readable image under --data-dir (any layout, as --dataset folder, in
-its sorted order), through the evaluation transform at the pretraining image size (--image-size to
-change it), to OUT.npz: `features` (N, d) float32 and `paths` (N,), row i for paths[i]; for
-retrieval and clustering. Images that cannot be read are skipped, counted, and listed in
-`unreadable` (--strict-data: stop at the first instead); `image_size` and `encoder` (its config,
-JSON) record how the rows were made.
-
-neighbours: a picture with one row per query image (--queries N drawn by --seed from the images, or
---query PATH, repeated), then its --k nearest images by cosine similarity of h, the similarity printed
-under each: what the encoder finds alike, without labels. From --data-dir (embedded as for
-features) or --features FILE.npz (a large folder embedded once; a --query outside it is embedded
-with the checkpoint).
+Details: docs/export.md.
 """
 import argparse
 import json

@@ -4,31 +4,15 @@
   python finetune.py runs/imagenet/encoder.pt --subset-file 1percent.txt   # the official ImageNet lists
   torchrun --nproc_per_node=8 finetune.py runs/imagenet/encoder.pt --label-fraction 0.1
 
-Trains the whole encoder plus a new linear head (zero-initialised) on a
-class-balanced subset of the labelled training set: round(fraction x n) random
-images of every class, chosen by --seed; or on the images named in
---subset-file (one name per line, as the official ImageNet 1% / 10% files;
-image indices for the other datasets). The dataset, data folder and image size
-default to the pretraining ones.
+Trains the whole encoder plus a new zero-initialised linear head on a class-balanced subset
+(round(fraction x n) images of every class, chosen by --seed) or on the images --subset-file names.
+The protocol: SGD with Nesterov momentum 0.9, lr 0.05 x batch/256, no weight decay, cosine, 60
+epochs at 1% of the labels or fewer and 30 above, batch 4096 (imagefolder) or 256, crop + flip; the
+test set scored once, after the last epoch. --from-head-layer K (SimCLRv2: 1) fine-tunes from the
+checkpoint's projection-head layer K. Ends with the line `top-1 accuracy: XX.XX%` and writes JSON
+next to the checkpoint.
 
-Protocol (defaults): SGD with Nesterov momentum 0.9, lr 0.05 x batch/256, no
-weight decay, cosine decay per step, 60 epochs at 1% of the labels or fewer and
-30 above, batch 4096 (imagefolder) or 256; random crop + flip; BN in train mode,
-synchronised across processes on CUDA. Test accuracy is measured once, after
-the last epoch, on every test image.
-
---from-head-layer K (SimCLR v2, Sec. 2 of Chen et al. 2020b; the official
-ft_proj_selector) keeps the first K layers of the checkpoint's projection head
-and fine-tunes them with the encoder, the new linear head reading their output;
-v2 uses K = 1. It needs a checkpoint that carries the head (pretrain.py's, or
-convert_official.py's from a v2 checkpoint).
-
---max-images N trains on the first N images of the labelled subset and tests
-on the first N test images: a quick end-to-end check before a long run.
-
-Prints progress every --progress-every seconds, top-1 (and top-5 with at
-least 5 classes), writes JSON next to the checkpoint (with the seconds each
-phase took), and ends with the line `top-1 accuracy: XX.XX%`.
+Protocols and every flag: docs/evaluation.md.
 """
 import argparse
 import inspect

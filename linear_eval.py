@@ -1,39 +1,20 @@
-"""Linear evaluation of a pretrained encoder (Chen et al. 2020, Sec. 4 and B.6).
+"""Linear evaluation of a pretrained encoder (Chen et al. 2020, Sec. 4 and B.6), and kNN.
 
-  python linear_eval.py runs/cifar10/encoder.pt
+  python linear_eval.py runs/cifar10/encoder.pt                     # the paper's protocol
+  python linear_eval.py runs/cifar10/encoder.pt --cached-features   # features computed once, plus kNN
   torchrun --nproc_per_node=8 linear_eval.py runs/imagenet/encoder.pt --data-dir /data/imagenet
 
-Reads encoder.pt or ckpt.pt from pretrain.py and rebuilds the encoder from it;
-the dataset, data folder and image size default to the pretraining ones.
+Reads encoder.pt or ckpt.pt and rebuilds the encoder from it; the dataset, data folder and image
+size default to the pretraining ones. The protocol: a linear classifier on the frozen encoder's
+features, SGD with Nesterov momentum, lr 0.1 x batch/256, cosine; imagefolder 90 epochs of batch
+4096, otherwise 100 of batch 512; random crop + flip for training images; the test set scored once,
+after the last epoch, every image counted once. --knn and --cached-features add weighted kNN
+(k = 200, t = 0.1); --cached-features trains on features of un-augmented images computed once
+(minutes instead of hours, no crop + flip). --checkpoint-classifier scores the classifier a
+converted official checkpoint carries. Ends with the line `top-1 accuracy: XX.XX%` and writes JSON
+next to the checkpoint.
 
-Protocol (defaults): a linear classifier on h = f(x), the frozen encoder's
-features; SGD with Nesterov momentum 0.9, lr 0.1 x batch/256, cosine decay per
-step; ImageNet (imagefolder): 90 epochs, batch 4096, weight decay 1e-6; other
-datasets: 100 epochs, batch 512, no weight decay. Training images get random
-crop + flip only; test images the evaluation transform (centre crop 87.5%, none
-at 32 px). Test accuracy is measured once, after the last epoch: no epoch is
-picked by test accuracy. Every test image is counted once, also under torchrun.
-
-Also reported with --cached-features or --knn: weighted kNN accuracy (k = 200,
-cosine, t = 0.1) on the features of un-augmented training images, which needs
-no training but one pass over the training set (--knn adds it to the paper
-protocol). --cached-features trains the classifier on those same features,
-computed once: minutes instead of hours, but without crop + flip augmentation.
---random-init evaluates a randomly initialised encoder of the same
-architecture: the baseline to beat. --max-images N runs on the first N images
-of each split: a quick end-to-end check before a long run.
-
---checkpoint-classifier trains nothing: it evaluates the classifier the
-checkpoint stores (convert_official.py keeps the official head_supervised) on
-the test split, in float32, reading h or the projection-head layer it was
-trained on. With a converted official checkpoint this reproduces the released
-top-1 on ImageNet val:
-
-  python linear_eval.py r50_1x.pt --dataset imagefolder --data-dir /data/imagenet --checkpoint-classifier
-
-Prints progress every --progress-every seconds, top-1 (and top-5 with at
-least 5 classes), writes JSON next to the checkpoint (with the seconds each
-phase took), and ends with the line `top-1 accuracy: XX.XX%`.
+Protocols, every flag, memory and time at ImageNet scale: docs/evaluation.md.
 """
 import argparse
 import json

@@ -1,31 +1,20 @@
 """SimCLR pretraining (Chen et al. 2020): one process on GPU/CPU, or torchrun DDP.
 
-  python pretrain.py --dataset cifar10 --data-dir data
+  python pretrain.py --dataset cifar10 --data-dir data --arch resnet18 --batch-size 512 --epochs 1000
   torchrun --nproc_per_node=8 pretrain.py --dataset imagefolder --data-dir /data/imagenet --batch-size 4096
 
-Defaults are the paper's ImageNet run (ResNet-50, 224 px, batch 4096, 100 epochs,
-LARS, lr 0.3 x batch/256, 10 warmup epochs then per-step cosine, temperature 0.1,
-weight decay 1e-6). For CIFAR and any image size <= 32 px, unset flags take the
-official README's CIFAR recipe instead: CIFAR stem, colour strength 0.5, no blur,
-temperature 0.5, lr 1.0 x batch/256, weight decay 1e-4 (measured on Fashion-MNIST:
-README, Results). The resolved settings are printed at start.
-
-Beyond the official recipe, and never a default: in short runs on small images (Fashion-MNIST,
-120 steps of batch 128; README, Results) a 4x higher lr (--lr 0.3 --lr-scaling sqrt),
---temperature 0.2 and --no-zero-init-residual each helped; together (two seeds) they beat
-lightly's SimCLR in kNN accuracy and came within the seed spread of it in linear accuracy.
---input-norm, --conv-init, --bn-per-view and --no-proj-out-bn give lightly's other choices;
-none of those that were run helped there on its own (--conv-init was not run).
-
-Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
-run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
-by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl (with --tensorboard
-also OUT/tensorboard). With --knn-every K (default 10; off for imagefolder, and for folder unless
---knn-data names a labelled folder) the encoder's weighted kNN accuracy on the labelled split is
-logged every K epochs.
+Defaults are the paper's ImageNet run (ResNet-50, 224 px, batch 4096, 100 epochs, LARS at lr
+0.3 x batch/256, temperature 0.1, weight decay 1e-6). For CIFAR and images <= 32 px, unset flags
+take the official README's CIFAR recipe: CIFAR stem, colour strength 0.5, no blur, temperature 0.5,
+lr 1.0 x batch/256, weight decay 1e-4. The resolved settings are printed at start. Writes
+OUT/ckpt.pt (for --resume), OUT/encoder.pt (for linear_eval.py, finetune.py, export.py) and
+OUT/log.jsonl at the end of every epoch, and when SIGTERM or SIGINT stops the run.
 
 Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 another process died,
 5 out of memory, 128 + N stopped by signal N (saved; resume with --resume).
+
+Every flag, the outputs and a healthy run: docs/pretraining.md. GPUs: docs/gpus.md. What the
+options beyond the official recipe did on Fashion-MNIST: docs/results.md.
 """
 import argparse
 import datetime
@@ -131,7 +120,7 @@ def get_args(argv=None):
                         "momentum SGD with weight decay on every parameter, as lightly's and most PyTorch ports' "
                         "CIFAR benchmarks (same learning-rate schedule and buffer convention, no trust ratio)")
     o.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature; default 0.1 (0.5 CIFAR recipe; 0.2 did better in short "
-                        "Fashion-MNIST runs, README Results)")
+                        "Fashion-MNIST runs, docs/results.md)")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/simclr", help="folder for ckpt.pt, encoder.pt and log.jsonl")
     r.add_argument("--resume", action="store_true",
