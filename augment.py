@@ -680,8 +680,8 @@ def main(argv=None):
                    help="decode a JPEG at 1/4 or 1/8 of its size where both crops of a pair allow, as pretrain.py "
                         "does for image folders (the same crops, pixels within a level on average)")
     args = p.parse_args(argv)
-    if args.pairs < 1 or args.image_size < 1:
-        p.error("--pairs and --image-size must be at least 1")
+    if args.pairs < 1 or args.image_size < 1 or not 0 <= args.strength < float("inf"):
+        p.error("--pairs and --image-size must be at least 1, --strength a finite number >= 0")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler,
                         scaled_decode=args.scaled_decode)
     generator = torch.Generator().manual_seed(args.seed)
@@ -698,7 +698,10 @@ def main(argv=None):
                 tiles.extend(views(img, generator))
         except (OSError, DecodeError) as e:
             p.error(f"cannot read {path}: {e}")
-    save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)
+    try:
+        save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)
+    except OSError as e:  # read-only, full, a folder in the way: one line (this file imports no script helpers)
+        p.exit(2, f"augment.py: error: cannot write {args.out} ({e.strerror or e}); choose another --out\n")
     print(f"wrote {args.out}: {len(args.images)} rows of the image and {args.pairs} pairs of {views}")
 
 

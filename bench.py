@@ -25,7 +25,6 @@ import argparse
 import gc
 import importlib.util
 import io
-import json
 import os
 import platform
 import resource
@@ -47,6 +46,8 @@ from augment import SimCLRViews
 from lars import LARS
 from loss import nt_xent
 from model import ProjectionHead, SimCLR, build_encoder
+import flags
+import output
 from distributed import AMP_DTYPES, Context, add_amp_flags, grad_scaler, resolve_amp
 from pretrain import forward_backward, is_out_of_memory, to_device_views, train_step
 
@@ -91,12 +92,16 @@ def get_args():
     args.loss_sizes = [int(v) for v in (args.loss_sizes or ("2048,8192,32768" if cuda else "2048,4096,8192,32768")).split(",")]
     args.epoch_images = args.epoch_images or (50_000 if cuda else 1024)
     args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
+    flags.check(p.error, args, {name: "[1, inf)" for name in ("image_size", "batch_size", "steps", "view_images",
+                                                              "rounds", "memory_rounds", "epoch_images",
+                                                              "photo_images")}
+                | {"workers": "[0, inf)", "memory_width": "(0, inf)"})
     try:
         args.photo_sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.photo_sizes.split(",") if size]
     except ValueError:
         p.error(f"--photo-sizes takes WxH,... (e.g. 4032x3024,1600x1200), not {args.photo_sizes!r}")
-    if any(len(size) != 2 or min(size) < 16 for size in args.photo_sizes) or args.photo_images < 1:
-        p.error("--photo-sizes must be WxH pairs of at least 16 px, --photo-images at least 1")
+    if any(len(size) != 2 or min(size) < 16 for size in args.photo_sizes):
+        p.error("--photo-sizes must be WxH pairs of at least 16 px each")
     return args
 
 
@@ -717,10 +722,12 @@ def cpu_model():
 
 
 def write_json(path, results):
-    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole
+    file; one that cannot write stops with one line (the numbers so far are printed above it)."""
+    try:
+        output.write_json(path, results, "--json")
+    except output.WriteError as e:
+        sys.exit(f"bench.py: error: {e}")
 
 
 def main():
@@ -739,6 +746,11 @@ def main():
     for name in names:
         if name not in sections:
             sys.exit(f"bench.py: error: unknown section {name!r}; choose from {', '.join(sections)}")
+    if args.json:  # before the long measurements: the folder made, a probe written there
+        try:
+            output.check_file(args.json, "--json")
+        except output.WriteError as e:
+            sys.exit(f"bench.py: error: {e}")
     failed = []
     for name in names:
         try:

@@ -25,7 +25,9 @@ import sys
 import numpy as np
 import torch
 
-from model import ARCHS, BasicBlock, ProjectionHead, build_encoder, save_encoder
+import flags
+import output
+from model import ARCHS, BasicBlock, ProjectionHead, build_encoder, save_encoder, tensor_bytes
 
 
 class ConvertError(ValueError):
@@ -392,7 +394,10 @@ def convert(prefix, out, head_layer=None, ema=False, extra_meta=None):
     if not config["cifar_stem"]:
         meta.update(dataset="imagefolder", image_size=224)
     meta.update(extra_meta or {})
-    save_encoder(out, encoder, head=head, classifier=classifier, **meta)
+    output.check_file(str(out), "OUT")  # the folder made, a probe written there
+    with output.writing(str(out), "OUT", needed=tensor_bytes(encoder.state_dict()) + tensor_bytes(classifier or {})
+                        + (tensor_bytes(head.state_dict()) if head else 0)):
+        save_encoder(out, encoder, head=head, classifier=classifier, **meta)
     read = {m[0] for m in mapping}
     skipped_names = [n for n in ckpt.shapes if skipped(n) and n not in read]
     other = [n for n in ckpt.shapes
@@ -417,7 +422,9 @@ def get_args(argv=None):
     p.add_argument("--ema", action="store_true",
                    help="take every trained variable from its ExponentialMovingAverage copy (checkpoints of runs "
                         "that kept one); BN moving statistics as stored")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    flags.check(p.error, args, {"head_layer": "[0, inf)"})
+    return args
 
 
 def resolve_prefix(path):
@@ -436,8 +443,9 @@ def resolve_prefix(path):
 def main(argv=None):
     args = get_args(argv)
     try:
+        output.check_file(args.out, "OUT", create_folder=False)  # before the long read: nothing made yet
         print(convert(resolve_prefix(args.checkpoint), args.out, args.head_layer, args.ema), flush=True)
-    except (ConvertError, OSError) as e:
+    except (ConvertError, output.WriteError, OSError) as e:
         sys.exit(f"convert_official.py: error: {e}")
 
 

@@ -32,10 +32,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 import data
+import flags
+import output
 from augment import EvalTransform, center_crop_resize
 from distributed import AMP_DTYPES, add_amp_flags, fail, resolve_amp, run, setup
 from features import extract_features, nearest, to_device
-from model import CheckpointError, build_encoder, load_encoder, pretrain_settings, save_atomic
+from model import CheckpointError, build_encoder, load_encoder, pretrain_settings, save_atomic, tensor_bytes
 
 TARGETS = ("torchvision", "detectron2", "features", "neighbours")
 
@@ -76,10 +78,8 @@ def get_args(argv=None):
                 "weights alone")
     if args.to != "neighbours" and args.features:
         p.error("--features is for --to neighbours")
-    if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
-        p.error("--batch-size and --image-size must be at least 1")
-    if args.k < 1 or args.queries < 1 or args.tile < 16:
-        p.error("--k and --queries must be at least 1, --tile at least 16")
+    flags.check(p.error, args, {"batch_size": "[1, inf)", "image_size": "[1, inf)", "workers": "[0, inf)",
+                                "k": "[1, inf)", "queries": "[1, inf)", "tile": "[16, inf)"})
     if args.to == "neighbours" and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
         p.error(f"{args.out}: the picture's name must end in an image format PIL writes (.png, .jpg, ...)")
     return args
@@ -216,17 +216,30 @@ class OwnIndex(Dataset):
         return self.dataset[i][0], i
 
 
+def image_size(args, encoder, ckpt, recorded=None):
+    """The evaluation transform's size: --image-size, else the one the features were made at (a
+    features file's), else the pretraining one; one line if the encoder's stem cannot take it."""
+    size = args.image_size or recorded or pretrain_settings(ckpt).get("image_size") or 224
+    if flags.image_size_problem(size, encoder.config["cifar_stem"]):
+        fail(flags.image_size_problem(size, encoder.config["cifar_stem"]))
+    return size
+
+
 def folder_features(args, encoder, ckpt, ctx):
     """h of every readable image under --data-dir -> (features (N, d) float32 on the CPU, their paths
     (N,), the unreadable images' paths, image size)."""
     args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
-    size = args.image_size or pretrain_settings(ckpt).get("image_size") or 224
+    size = image_size(args, encoder, ckpt)
     images = data.FolderImages(args.data_dir)
+    output.check_file(args.out, "OUT")  # every input is checked: the folder is made
     workers = data.default_workers() if args.workers is None else args.workers
     loader = data.make_loader(data.SeededTransform(OwnIndex(images), EvalTransform(size, train=False),
-                                                   strict=args.strict_data),
+                                                   strict=args.strict_data,
+                                                   hint="without --strict-data unreadable images are skipped and "
+                                                        "listed"),
                               args.batch_size, train=False, workers=workers, pin_memory=ctx.cuda)
-    print(f"{amp_text}; {len(images)} images under {args.data_dir}, {size} px, encoder {encoder.config}", flush=True)
+    print(f"{amp_text}; {data.describe(images, 'folder', args.data_dir, None).split(': ', 1)[1]}, {size} px, "
+          f"encoder {encoder.config}", flush=True)
     # eval mode: BN uses the statistics from pretraining, as in the evaluation scripts
     feats, made_from = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
                                         what="features")
@@ -242,9 +255,10 @@ def folder_features(args, encoder, ckpt, ctx):
 def export_features(args, encoder, ckpt):
     ctx = setup()
     feats, paths, unreadable, size = folder_features(args, encoder, ckpt, ctx)
-    write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.numpy(), paths=paths, unreadable=unreadable,
-                                                image_size=np.array(size), encoder=np.array(json.dumps(encoder.config))),
-                 suffix=".npz")  # np.savez adds .npz to a name without it
+    output.write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.numpy(), paths=paths, unreadable=unreadable,
+                                                       image_size=np.array(size),
+                                                       encoder=np.array(json.dumps(encoder.config))),
+                        "OUT", needed=feats.numel() * 4, suffix=".npz")  # np.savez adds .npz to a name without it
     print(f"wrote {args.out}: features {tuple(feats.shape)} float32 and paths ({len(paths)})"
           + (f", and the {len(unreadable)} unreadable images' paths in `unreadable`" if len(unreadable) else ""),
           flush=True)
@@ -303,9 +317,10 @@ def choose_queries(args, encoder, paths, size, ctx):
 def export_neighbours(args, encoder, ckpt):
     ctx = setup()
     if args.features:
-        feats, paths, size = read_features(args.features, encoder)
+        feats, paths, recorded = read_features(args.features, encoder)
         args.amp, _ = resolve_amp(args.amp, ctx.device, train=False)
-        size = args.image_size or size or pretrain_settings(ckpt).get("image_size") or 224
+        size = image_size(args, encoder, ckpt, recorded)
+        output.check_file(args.out, "OUT")
     else:
         feats, paths, _, size = folder_features(args, encoder, ckpt, ctx)
         if len(paths) < 2:
@@ -324,7 +339,7 @@ def export_neighbours(args, encoder, ckpt):
     picture = neighbours_picture([[p] + [paths[j] for j in i] for p, i in zip(query_paths, idx.tolist())],
                                  sims.tolist(), args.tile)
     ext = os.path.splitext(args.out)[1].lower()
-    write_atomic(args.out, lambda tmp: picture.save(tmp, format=Image.registered_extensions()[ext]))
+    output.write_atomic(args.out, lambda tmp: picture.save(tmp, format=Image.registered_extensions()[ext]), "OUT")
     print(f"wrote {args.out}: {len(query_paths)} queries x {k} nearest images by cosine similarity of h, "
           f"{picture.width}x{picture.height} px", flush=True)
 
@@ -364,18 +379,6 @@ def neighbours_picture(rows, similarities, tile):
     return canvas
 
 
-def write_atomic(path, write, suffix=""):
-    """write(tmp) to a temporary file, then rename it to path, as model.save_atomic does for torch.save:
-    a failed write leaves neither a half-written file at path nor the temporary one."""
-    tmp = f"{path}.tmp.{os.getpid()}{suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _dump_pickle(obj, path):
     with open(path, "wb") as f:
         pickle.dump(obj, f)
@@ -383,6 +386,7 @@ def _dump_pickle(obj, path):
 
 def main(argv=None):
     args = get_args(argv)
+    output.check_file(args.out, "OUT", create_folder=False)  # told without making anything
     encoder, ckpt = load_encoder(args.checkpoint)
     if args.to == "features":
         return export_features(args, encoder, ckpt)
@@ -391,7 +395,9 @@ def main(argv=None):
     if args.to == "torchvision":
         state = torchvision_state(encoder)
         warn_tf_pool(encoder, "torchvision")
-        save_atomic(state, args.out)
+        output.check_file(args.out, "OUT")
+        with output.writing(args.out, "OUT", needed=tensor_bytes(state)):
+            save_atomic(state, args.out)
         arch = encoder.config["arch"]
         if encoder.normalise_input:  # torchvision's model has no input normalisation of its own
             print(f"note: this encoder was pretrained with --input-norm {encoder.config['input_norm']}: feed the "
@@ -403,10 +409,12 @@ def main(argv=None):
         return
     checkpoint = detectron2_checkpoint(encoder)
     warn_tf_pool(encoder, "detectron2")
-    write_atomic(args.out, lambda tmp: _dump_pickle(checkpoint, tmp))
+    output.check_file(args.out, "OUT")
+    output.write_atomic(args.out, lambda tmp: _dump_pickle(checkpoint, tmp), "OUT",
+                        needed=sum(v.nbytes for v in checkpoint["model"].values()))
     print(f"wrote {args.out}: {len(checkpoint['model'])} tensors of detectron2's ResNet backbone; config:\n  "
           + "\n  ".join(detectron2_config(encoder, args.out)), flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)

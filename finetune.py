@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 import data
+import flags
+import output
 from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, grad_scaler, rank0_first, resolve_amp, run,
@@ -74,13 +76,14 @@ def get_args(argv=None):
     p.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     args = p.parse_args(argv)
-    if not 0 < args.label_fraction <= 1:
-        p.error("--label-fraction must lie in (0, 1]")
-    if args.from_head_layer < 0:
-        p.error("--from-head-layer must be at least 0")
-    if (args.max_images is not None and args.max_images < 1) or args.progress_every < 0:
-        p.error("--max-images must be at least 1 and --progress-every at least 0")
+    flags.check(p.error, args, NUMBER_RANGES)
     return args
+
+
+NUMBER_RANGES = {"label_fraction": "(0, 1]", "from_head_layer": "[0, inf)", "max_images": "[1, inf)",
+                 "progress_every": "[0, inf)", "epochs": "[1, inf)", "batch_size": "[1, inf)",
+                 "image_size": "[1, inf)", "synthetic_size": "[1, inf)", "workers": "[0, inf)", "lr": "[0, inf)",
+                 "weight_decay": "[0, inf)", "momentum": "[0, 1)", "dist_timeout": "(0, inf)"}  # flags.check
 
 
 def kept_head(args, ckpt):
@@ -128,7 +131,7 @@ def main():
     encoder, ckpt = load_encoder(args.checkpoint)
     proj = kept_head(args, ckpt)
     settings = pretrain_settings(ckpt)
-    resolve(args, settings)
+    resolve(args, settings, encoder.config["cifar_stem"])
     ctx = setup(args.batch_size, args.dist_timeout)
     args.amp, amp_text = resolve_amp(args.amp, ctx.device)
     args.channels_last = args.channels_last and ctx.cuda
@@ -171,8 +174,9 @@ def main():
     report(job, board, total_steps, encoder, settings, accs, train_loss, train_acc, len(test_y))
 
 
-def resolve(args, settings):
-    """Fill the defaults that depend on the checkpoint and the dataset."""
+def resolve(args, settings, cifar_stem=False):
+    """Fill the defaults that depend on the checkpoint and the dataset; check them and that the
+    results file can be written (nothing is made yet)."""
     args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     args.epochs = args.epochs or (60 if args.label_fraction <= 0.01 else 30)
@@ -184,6 +188,10 @@ def resolve(args, settings):
                else f"{100 * args.label_fraction:g}pct")
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
         args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
+    flags.check(fail, args, NUMBER_RANGES)  # the defaults filled in here too
+    if flags.image_size_problem(args.image_size, cifar_stem):
+        fail(flags.image_size_problem(args.image_size, cifar_stem))
+    output.check_file(args.out, "--out", create_folder=False)
 
 
 def build_data(args, ctx):
@@ -200,6 +208,11 @@ def build_data(args, ctx):
     args.batch_size, note = data.fit_batch(len(chosen), args.batch_size, ctx.world, "the labelled subset",
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+    if ctx.master:  # every input is checked: now the results folder is made
+        output.check_file(args.out, "--out")
+        class_note = data.class_note(test_raw)  # labels are numbered by the training split's classes
+        if class_note:
+            print(class_note, flush=True)
     if note and ctx.master:
         print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
     return SimpleNamespace(args=args, ctx=ctx, train_raw=train_raw, test_raw=test_raw, chosen=chosen,
@@ -229,8 +242,9 @@ def make_loaders(job):
     """The labelled subset with crop + flip (shuffled, by --seed) and the test set (every image counts)."""
     args, ctx = job.args, job.ctx
     train_set = data.SeededTransform(Subset(job.train_raw, job.chosen.tolist()), EvalTransform(args.image_size, train=True),
-                                     seed=args.seed, strict=args.strict_data)
-    test_set = data.SeededTransform(job.test_raw, EvalTransform(args.image_size, train=False), strict=True)
+                                     seed=args.seed, strict=args.strict_data, hint=data.TRAIN_HINT)
+    test_set = data.SeededTransform(job.test_raw, EvalTransform(args.image_size, train=False), strict=True,
+                                    hint=data.TEST_HINT)
     return (data.make_loader(train_set, job.per_rank, train=True, workers=args.workers, rank=ctx.rank,
                              world=ctx.world, seed=args.seed, pin_memory=ctx.cuda),
             data.make_loader(test_set, job.per_rank, train=False, workers=args.workers, rank=ctx.rank,
@@ -285,14 +299,15 @@ def report(job, board, steps, encoder, settings, accs, train_loss, train_acc, te
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images,
     }
+    if ctx.master:  # printed before anything is written: a failed write loses nothing seen
+        print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else ""), flush=True)
     write_results(results, args.out, ctx)
     board.add(steps, **{"finetune/top1": accs[0], "finetune/top5": results["top5"]})
     board.close()
     if ctx.master:
-        print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
-              + f"; wrote {args.out}")
+        print(f"wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)

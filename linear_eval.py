@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import flags
+import output
 from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first, resolve_amp, run, setup,
@@ -83,8 +85,15 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve(args, settings):
-    """Fill the defaults that depend on the checkpoint and the dataset."""
+NUMBER_RANGES = {"epochs": "[1, inf)", "batch_size": "[1, inf)", "knn_k": "[1, inf)", "image_size": "[1, inf)",
+                 "synthetic_size": "[1, inf)", "workers": "[0, inf)", "max_images": "[1, inf)",
+                 "progress_every": "[0, inf)", "lr": "[0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
+                 "knn_temperature": "(0, inf)", "dist_timeout": "(0, inf)"}  # flags.check
+
+
+def resolve(args, settings, cifar_stem=False):
+    """Fill the defaults that depend on the checkpoint and the dataset; check the flags and that the
+    results file can be written (nothing is made yet)."""
     args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     imagenet = args.dataset == "imagefolder"
@@ -99,15 +108,15 @@ def resolve(args, settings):
         args.amp = "off" if args.checkpoint_classifier else "auto"  # float32, as the TF numbers being reproduced
     if args.checkpoint_classifier and (args.random_init or args.cached_features):
         fail("--checkpoint-classifier evaluates the stored classifier: it takes no --random-init or --cached-features")
-    if min(args.epochs, args.batch_size, args.knn_k, args.image_size) < 1 or args.workers < 0:
-        fail("--epochs, --batch-size, --knn-k and --image-size must be at least 1, --workers at least 0")
-    if (args.max_images is not None and args.max_images < 1) or args.progress_every < 0:
-        fail("--max-images must be at least 1 and --progress-every at least 0")
+    flags.check(fail, args, NUMBER_RANGES)
+    if flags.image_size_problem(args.image_size, cifar_stem):
+        fail(flags.image_size_problem(args.image_size, cifar_stem))
     if args.out is None:
         tags = ("checkpoint_classifier" if args.checkpoint_classifier else
                 "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else ""))
         tags += f"_first{args.max_images}" if args.max_images else ""  # a dry run keeps the real results
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
+    output.check_file(args.out, "--out", create_folder=False)
     return args
 
 
@@ -136,8 +145,19 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
     stored_classes = ckpt["classifier"]["weight"].shape[0]
     if classes > stored_classes:
         fail(f"the test split has {classes} classes, the stored classifier {stored_classes}")
+    train_dir, val_dir = os.path.join(args.data_dir, "train"), os.path.join(args.data_dir, "val")
+    if args.dataset == "imagefolder" and classes != stored_classes:  # labels by sorted class folder names
+        fail(f"{train_dir} has {classes} class folders but the stored classifier has {stored_classes} classes, so "
+             "the labels would not be the classifier's; use the dataset it was trained on" if os.path.isdir(train_dir)
+             else f"{val_dir} has {classes} class folders and no {train_dir} beside it, but the stored classifier has "
+             f"{stored_classes} classes: labels numbered by val/'s own folders would not be the classifier's. Add the "
+             "training split's class folders as train/CLASS (only their names are read), or give val/ every class")
+    if ctx.master:
+        output.check_file(args.out, "--out")
+    note = data.class_note(test_raw)
     net = nn.Sequential(encoder, classifier).to(ctx.device).eval()  # BN uses the stored statistics
-    loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False), strict=True),
+    loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False), strict=True,
+                                                   hint=data.TEST_HINT),
                               args.batch_size // ctx.world, train=False, workers=args.workers, rank=ctx.rank,
                               world=ctx.world, pin_memory=ctx.cuda)
     k = ckpt["classifier"]["head_layer"]
@@ -146,6 +166,8 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
         print(f"encoder {encoder.config} with its stored classifier ({stored_classes} classes, reading "
               f"{f'projection-head layer {k}' if k else 'h'}); {args.dataset}: {len(test_raw)} test images; "
               f"processes {ctx.world}, device {ctx.device}", flush=True)
+        if note:
+            print(note, flush=True)
     t = time.time()
     if ctx.cuda:  # the official numbers are float32: no TF32 in the encoder's convolutions either
         torch.backends.cudnn.allow_tf32 = False
@@ -159,10 +181,12 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
         "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None, "processes": ctx.world,
         "max_images": args.max_images, "phase_seconds": {"test": round(time.time() - t, 3)},
     }
+    if ctx.master:  # printed before the results file is written: a failed write loses nothing seen
+        print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else ""),
+              flush=True)
     write_results(results, args.out, ctx)
     if ctx.master:
-        print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
-              + f"; wrote {args.out}")
+        print(f"wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 
@@ -170,7 +194,7 @@ def main():
     args = get_args()
     encoder, ckpt = load_encoder(args.checkpoint)
     settings = pretrain_settings(ckpt)
-    args = resolve(args, settings)
+    args = resolve(args, settings, encoder.config["cifar_stem"])
     ctx = setup(args.batch_size, args.dist_timeout)
     args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)  # the encoder only runs forward here
     args.channels_last = args.channels_last and ctx.cuda
@@ -220,7 +244,11 @@ def build_data(args, ctx, encoder, settings):
     # a small dataset: the whole training set is the batch
     args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
-    if ctx.master:
+    if ctx.master:  # every input is checked: now the results folder is made
+        output.check_file(args.out, "--out")
+        class_note = data.class_note(test_raw)  # labels are numbered by the training split's classes
+        if class_note:
+            print(class_note, flush=True)
         if note:
             print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
         print(json.dumps(vars(args), sort_keys=True), flush=True)
@@ -238,7 +266,9 @@ def feature_loader(job, raw, transform=None, train=False, strict=True):
     """This rank's loader of `raw` through `transform` (default: the evaluation transform)."""
     args, ctx = job.args, job.ctx
     transform = transform or EvalTransform(args.image_size, train=False)
-    return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict), job.per_rank,
+    return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict,
+                                                 hint=data.TEST_HINT if raw is job.test_raw else data.TRAIN_HINT),
+                            job.per_rank,
                             train=train, workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
                             pin_memory=ctx.cuda)
 
@@ -337,14 +367,16 @@ def report(job, board, steps, accs, knn_top1, train_loss, train_acc, test_images
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images,
     }
+    if ctx.master:  # printed before anything is written: a failed write loses nothing seen
+        print((f"kNN top-1 {knn_top1:.2f}%; " if knn_top1 is not None else "") + f"linear top-1 {accs[0]:.2f}%"
+              + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else ""), flush=True)
     write_results(results, args.out, ctx)
     board.add(steps, **{"linear/top1": accs[0], "linear/top5": results["top5"], "knn/top1": knn_top1})
     board.close()
     if ctx.master:
-        print((f"kNN top-1 {knn_top1:.2f}%; " if knn_top1 is not None else "") + f"linear top-1 {accs[0]:.2f}%"
-              + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "") + f"; wrote {args.out}")
+        print(f"wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)
