@@ -216,7 +216,7 @@ class OwnIndex(Dataset):
         return self.dataset[i][0], i
 
 
-def image_size(args, encoder, ckpt, recorded=None):
+def eval_image_size(args, encoder, ckpt, recorded=None):
     """The evaluation transform's size: --image-size, else the one the features were made at (a
     features file's), else the pretraining one; one line if the encoder's stem cannot take it."""
     size = args.image_size or recorded or pretrain_settings(ckpt).get("image_size") or 224
@@ -229,7 +229,7 @@ def folder_features(args, encoder, ckpt, ctx):
     """h of every readable image under --data-dir -> (features (N, d) float32 on the CPU, their paths
     (N,), the unreadable images' paths, image size)."""
     args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
-    size = image_size(args, encoder, ckpt)
+    size = eval_image_size(args, encoder, ckpt)
     images = data.FolderImages(args.data_dir)
     output.check_file(args.out, "OUT")  # every input is checked: the folder is made
     workers = data.default_workers() if args.workers is None else args.workers
@@ -319,7 +319,7 @@ def export_neighbours(args, encoder, ckpt):
     if args.features:
         feats, paths, recorded = read_features(args.features, encoder)
         args.amp, _ = resolve_amp(args.amp, ctx.device, train=False)
-        size = image_size(args, encoder, ckpt, recorded)
+        size = eval_image_size(args, encoder, ckpt, recorded)
         output.check_file(args.out, "OUT")
     else:
         feats, paths, _, size = folder_features(args, encoder, ckpt, ctx)
