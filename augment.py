@@ -10,7 +10,9 @@ wherever the images live:
               (3, size, size): the crop box drawn as TensorFlow draws it for the
               official code, or area-uniform as torchvision (crop_sampler="inception"),
               resized by torch's uint8 antialiased bicubic kernel on channels-last
-              pixels (PIL's filter and arithmetic, several times faster than PIL)
+              pixels (PIL's filter and arithmetic, several times faster than PIL);
+              scaled_decode=True: JPEG bytes decoded at 1/4 or 1/8 of their size where
+              the crops allow (libjpeg's DCT scaling), the same boxes cut from there
   distort     per batch, float (B, 3, size, size) in [0, 1], any device: colour
               jitter (p=0.8, the four operations in a random order per image),
               grayscale (p=0.2), Gaussian blur (p=0.5), each image drawing its
@@ -255,10 +257,15 @@ def _uint8_bicubic_works():
 UINT8_BICUBIC = _uint8_bicubic_works()
 
 
+class DecodeError(ValueError):
+    """Encoded image bytes that no decoder here reads; the message names the decoder's error."""
+
+
 def decode(data):
     """Encoded image bytes -> uint8 (3, H, W) RGB tensor, a channels-last view of the decoder's
     own (H, W, 3) buffer. JPEGs go through torchvision's libjpeg-turbo decoder (the same pixels
-    as PIL's; no copy into numpy afterwards), anything else and JPEGs it refuses through PIL."""
+    as PIL's; no copy into numpy afterwards), anything else and JPEGs it refuses through PIL.
+    Bytes neither reads raise DecodeError."""
     data = bytearray(data)  # writable: torch.frombuffer warns on read-only buffers
     if data[:3] == JPEG_MAGIC:
         try:
@@ -266,8 +273,11 @@ def decode(data):
         except (ImportError, AttributeError, RuntimeError):  # no decoder in this torchvision, or a JPEG it refuses
             pass
     from PIL import Image
-    with Image.open(io.BytesIO(data)) as img:
-        return _tensor(img)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _tensor(img)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
+        raise DecodeError(f"{type(e).__name__}: {' '.join(str(e).split())}") from e
 
 
 def _decode_jpeg(data):
@@ -276,6 +286,97 @@ def _decode_jpeg(data):
     # adds usage logging and, from 0.29 (which deprecates it for torchcodec), a warning per call,
     # 3% of a decode here. A torchvision without it raises, and PIL decodes instead.
     return torch.ops.image.decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), ImageReadMode.RGB.value, False)
+
+
+# ----------------------------------------------------------------------------
+# Decoding a JPEG at the scale its crops need. libjpeg can decode at 1/2, 1/4 and 1/8 of the size in
+# the inverse DCT itself (an 8x8 block becomes 4x4, 2x2 or 1 pixel, chroma scaled to match), which
+# skips most of the decode's work past the entropy decoding and leaves 1/4, 1/16, 1/64 of the pixels.
+# torchvision's decode_jpeg has no such option (0.16-0.29: data, mode, EXIF orientation); PIL's
+# Image.draft asks libjpeg for it. The crop boxes are drawn on the full-size dimensions read from
+# the header, so the boxes, and every random draw, are those of the full decode.
+
+# The scales used. 1/2 is left out: there the decode saves little (the entropy decoding, the same at
+# every scale, is most of what remains) and PIL's resize of the crops, which the exact box needs, costs
+# more than torch's kernel on the full decode (1600x1200 photos, one core of an AMD EPYC: 9.3 ms per
+# image at 1/2 against 8.5 ms at full size; 1/4: 6.9 against 9.5 ms).
+JPEG_SCALES = (8, 4)
+
+
+def jpeg_size(data):
+    """(height, width) of a JPEG from its frame header (SOF marker), without decoding it; None
+    when the bytes hold no such header (not a JPEG, cut short, or a height left to a DNL marker)."""
+    if bytes(data[:3]) != JPEG_MAGIC:
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0-SOF15 (not DHT, JPG, DAC)
+            if i + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", bytes(data[i + 5:i + 9]))
+            return (height, width) if height and width else None
+        i += 2 + int.from_bytes(bytes(data[i + 2:i + 4]), "big")
+    return None
+
+
+def decode_scale(boxes, size, scales=JPEG_SCALES):
+    """The largest of `scales` (8, 4) at which every crop box (top, left, h, w) still has at least
+    `size` pixels in both directions (min(h, w) >= scale * size), else 1. Each view is then still
+    resized down (or not at all) from the reduced image: it never upsamples what the full decode
+    would have downsampled, and the reduced image samples at least as finely as the view, so the
+    view keeps every frequency it can show."""
+    smallest = min(min(h, w) for _, _, h, w in boxes)
+    return next((s for s in scales if smallest >= s * size), 1)
+
+
+def decode_reduced(data, scale):
+    """A JPEG decoded at 1/scale of its size (scale 2, 4 or 8) by libjpeg's DCT scaling, which PIL's
+    draft() asks for -> an RGB PIL image of ceil(W / scale) x ceil(H / scale) pixels (libjpeg rounds
+    up; reduced pixel j covers full pixels [j * scale, (j + 1) * scale), the last one partly padding);
+    None when PIL cannot (a file it refuses, one it would not reduce exactly so): the caller decodes
+    at full size."""
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():  # PIL's warning for images over 89 MP: these are the user's own files
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            # draft picks the largest of 1/8, 1/4, 1/2 that keeps the image at least this size:
+            # width // (width // scale) lies in [scale, 2 scale), so exactly 1/scale
+            img.draft("RGB", (width // scale, height // scale))
+            if img.size != (-(-width // scale), -(-height // scale)):
+                return None
+            img.decodermaxblock = len(data)  # the whole file to libjpeg at once, not in 64 KB pieces (10% faster)
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")  # grayscale and CMYK JPEGs
+    except Exception:  # a file PIL refuses (truncated, over its size limit): the full decode decides
+        return None
+
+
+def reduced_crop(img, box, scale, size, flip=False):
+    """The box (top, left, h, w) of a full-size image, cut from its 1/scale decode `img` (decode_reduced)
+    and resized to (size, size) -> uint8 (3, size, size) in channels-last layout, flipped left-right if
+    flip. The box keeps its exact place there (edges at top / scale, ... : fractions of a reduced pixel),
+    which PIL's resize takes and torch's kernel does not (rounding the edges to whole reduced pixels
+    moves them by up to half of one, which on real photos tripled the mean difference from the full
+    decode); its filter is the one torch's uint8 kernel ports (antialiased bicubic, a = -0.5)."""
+    from PIL import Image
+    top, left, h, w = box
+    out = img.resize((size, size), Image.BICUBIC, box=(left / scale, top / scale, (left + w) / scale, (top + h) / scale))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)  # (a writable copy of PIL's pixels)
 
 
 def _tensor(img):
@@ -436,25 +537,54 @@ class CropFlip:
     """Random resized crop (area 0.08-1, aspect 3/4-4/3, bicubic) and horizontal flip
     (p = 0.5) -> uint8 (3, size, size), from a PIL image, a uint8 (3, H, W) tensor or
     encoded JPEG bytes (see pixels). crop_sampler: "official" (TensorFlow's, as the
-    official code) or "inception" (area-uniform). Each call draws the box, then the flip."""
+    official code) or "inception" (area-uniform). Each call draws the box, then the flip.
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_sampler="official"):
+    scaled_decode: JPEG bytes are decoded at the smallest size their crops allow (decode_scale:
+    1/4 or 1/8 where every crop still has `size` pixels each way), with the boxes drawn on the
+    full-size dimensions from the header and cut at their exact place in the reduced image
+    (reduced_crop). The draws, and with them the boxes and flips, are those of the full decode; the
+    pixels differ a little (libjpeg's DCT scaling does part of the filter's work). Other inputs, and
+    JPEGs whose crops all need the full size, are as without it."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_sampler="official", scaled_decode=False):
         if crop_sampler not in CROP_SAMPLERS:
             raise ValueError(f"crop_sampler must be one of {CROP_SAMPLERS}, got {crop_sampler!r}")
         self.size, self.scale, self.ratio, self.crop_sampler = size, scale, ratio, crop_sampler
+        self.scaled_decode = scaled_decode
 
     def __call__(self, img, generator=None):
-        return self.crop(pixels(img), generator)
+        return self.crops(img, 1, generator)[0]
+
+    def draw(self, height, width, generator=None):
+        """The random part of one crop + flip of a height x width image: (box (top, left, h, w), flip)."""
+        box = random_resized_crop_params(height, width, self.scale, self.ratio, generator, sampler=self.crop_sampler)
+        return box, torch.rand(1, generator=generator).item() < 0.5
 
     def crop(self, hwc, generator=None):
         """One crop + flip of pixels (H, W, 3) uint8 (from pixels())."""
-        height, width = hwc.shape[:2]
-        box = random_resized_crop_params(height, width, self.scale, self.ratio, generator, sampler=self.crop_sampler)
-        flip = torch.rand(1, generator=generator).item() < 0.5
+        box, flip = self.draw(*hwc.shape[:2], generator=generator)
         return resized_crop(hwc, box, self.size, flip)
 
+    def crops(self, img, n, generator=None):
+        """n independent crop + flips of one image (drawn in turn: box, flip, box, flip, ...), decoded once."""
+        header = jpeg_size(img) if self.scaled_decode and isinstance(img, (bytes, bytearray, memoryview)) else None
+        if header is None:
+            hwc = pixels(img)
+            return tuple(self.crop(hwc, generator) for _ in range(n))
+        draws = [self.draw(*header, generator=generator) for _ in range(n)]
+        scale = decode_scale([box for box, _ in draws], self.size)
+        reduced = decode_reduced(img, scale) if scale > 1 else None
+        if reduced is not None:
+            return tuple(reduced_crop(reduced, box, scale, self.size, flip) for box, flip in draws)
+        hwc = pixels(img)  # every crop needs the full resolution, or PIL refused the file
+        if tuple(hwc.shape[:2]) != header:
+            raise DecodeError(f"the JPEG's frame header says {header[0]}x{header[1]} pixels, its decode has "
+                              f"{hwc.shape[0]}x{hwc.shape[1]}")
+        return tuple(resized_crop(hwc, box, self.size, flip) for box, flip in draws)
+
     def __repr__(self):
-        return f"CropFlip(size={self.size}, crop_sampler={self.crop_sampler!r})"
+        return (f"CropFlip(size={self.size}, crop_sampler={self.crop_sampler!r}"
+                f"{', scaled_decode=True' if self.scaled_decode else ''})")
 
 
 class SimCLRViews:
@@ -462,20 +592,20 @@ class SimCLRViews:
 
     Defaults are the ImageNet recipe; CIFAR uses SimCLRViews(32, strength=0.5, blur=False).
     crop_sampler: "official" (TensorFlow's crop, as the official code) or "inception"
-    (area-uniform, as the paper's text and torchvision). Pass a torch.Generator to make the
+    (area-uniform, as the paper's text and torchvision). scaled_decode: JPEG bytes are decoded
+    once at the smallest size both crops allow (see CropFlip). Pass a torch.Generator to make the
     views reproducible.
     """
 
-    def __init__(self, size=224, strength=1.0, blur=True, crop_sampler="official"):
+    def __init__(self, size=224, strength=1.0, blur=True, crop_sampler="official", scaled_decode=False):
         self.size, self.strength, self.blur = size, strength, blur
-        self.crop_flip = CropFlip(size, crop_sampler=crop_sampler)
+        self.crop_flip = CropFlip(size, crop_sampler=crop_sampler, scaled_decode=scaled_decode)
 
     def crops(self, img, generator=None):
         """The per-image stage alone: two independent crop + flips, uint8 (3, size, size) each,
         of one decoded image. The device path runs these in the data workers and distort() on
         the batch."""
-        hwc = pixels(img)
-        return self.crop_flip.crop(hwc, generator), self.crop_flip.crop(hwc, generator)
+        return self.crop_flip.crops(img, 2, generator)
 
     def __call__(self, img, generator=None):
         rows = torch.stack([c.permute(1, 2, 0) for c in self.crops(img, generator)])  # (2, size, size, 3)
@@ -486,7 +616,8 @@ class SimCLRViews:
 
     def __repr__(self):
         return (f"SimCLRViews(size={self.size}, strength={self.strength}, blur={self.blur}, "
-                f"crop_sampler={self.crop_flip.crop_sampler!r})")
+                f"crop_sampler={self.crop_flip.crop_sampler!r}"
+                f"{', scaled_decode=True' if self.crop_flip.scaled_decode else ''})")
 
 
 # ----------------------------------------------------------------------------
@@ -545,21 +676,28 @@ def main(argv=None):
     p.add_argument("--blur", action=argparse.BooleanOptionalAction, default=True, help="Gaussian blur with p=0.5")
     p.add_argument("--crop-sampler", default="official", choices=CROP_SAMPLERS)
     p.add_argument("--seed", type=int, default=0, help="seeds every view")
+    p.add_argument("--scaled-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode a JPEG at 1/4 or 1/8 of its size where both crops of a pair allow, as pretrain.py "
+                        "does for image folders (the same crops, pixels within a level on average)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.image_size < 1 or not 0 <= args.strength < float("inf"):
         p.error("--pairs and --image-size must be at least 1, --strength a finite number >= 0")
-    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
+    views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler,
+                        scaled_decode=args.scaled_decode)
     generator = torch.Generator().manual_seed(args.seed)
     tiles = []
     for path in args.images:
         try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except OSError as e:
+            with open(path, "rb") as f:
+                img = f.read()  # a JPEG stays encoded: the views decode it (at the scale their crops need)
+            if jpeg_size(img) is None:
+                with Image.open(io.BytesIO(img)) as f:
+                    img = f.convert("RGB")
+            tiles.append(center_crop_resize(img, args.image_size, fraction=1.0).float() / 255.0)  # (3, size, size)
+            for _ in range(args.pairs):
+                tiles.extend(views(img, generator))
+        except (OSError, DecodeError) as e:
             p.error(f"cannot read {path}: {e}")
-        tiles.append(center_crop_resize(img, args.image_size, fraction=1.0).float() / 255.0)  # uint8 (3, size, size)
-        for _ in range(args.pairs):
-            tiles.extend(views(img, generator))
     try:
         save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)
     except OSError as e:  # read-only, full, a folder in the way: one line (this file imports no script helpers)

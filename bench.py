@@ -7,7 +7,9 @@
 
 Sections, each measured in one run so that its ratios are fair on a noisy machine:
   views  per image and per CPU core (one thread's CPU time): the decode alone, the GPU path's CPU
-         share (decode + crops + flips into uint8), whole views on the CPU, torchvision's pipeline
+         share (decode + crops + flips into uint8), whole views on the CPU, torchvision's pipeline;
+         where the GPU path's time goes; the same on large photo-like JPEGs (--photo-sizes), with
+         and without the scaled decode
   step   images/s of pretraining steps: (a) batches already on the device, (b) workers making whole
          views (--distort-on workers), (c) workers cropping, distortion on the device
   loss   time and peak memory of nt_xent against the broadcast form several ports use
@@ -35,7 +37,7 @@ import traceback
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 import augment
@@ -63,6 +65,9 @@ def get_args():
     p.add_argument("--workers", type=int, default=None, help="data workers for (b), (c); default: all CPUs, at most 16")
     p.add_argument("--view-images", type=int, default=48, help="JPEG images per round of the views section")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the views section")
+    p.add_argument("--photo-sizes", default="4032x3024,1600x1200",
+                   help="views section: WxH,... of the large photo-like JPEGs; empty: none")
+    p.add_argument("--photo-images", type=int, default=3, help="views section: large JPEGs of each size")
     p.add_argument("--views-baseline", default=None,
                    help="views section: also time the SimCLRViews of this other augment.py file (e.g. an earlier "
                         "commit's, from git show REV:augment.py) in the same rounds")
@@ -88,8 +93,15 @@ def get_args():
     args.epoch_images = args.epoch_images or (50_000 if cuda else 1024)
     args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
     flags.check(p.error, args, {name: "[1, inf)" for name in ("image_size", "batch_size", "steps", "view_images",
-                                                              "rounds", "memory_rounds", "epoch_images")}
+                                                              "rounds", "memory_rounds", "epoch_images",
+                                                              "photo_images")}
                 | {"workers": "[0, inf)", "memory_width": "(0, inf)"})
+    try:
+        args.photo_sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.photo_sizes.split(",") if size]
+    except ValueError:
+        p.error(f"--photo-sizes takes WxH,... (e.g. 4032x3024,1600x1200), not {args.photo_sizes!r}")
+    if any(len(size) != 2 or min(size) < 16 for size in args.photo_sizes):
+        p.error("--photo-sizes must be WxH pairs of at least 16 px each")
     return args
 
 
@@ -106,6 +118,36 @@ def make_jpegs(n, seed=0, size=(500, 375)):
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
+
+
+def make_photo(size, seed=0, quality=90):
+    """A photo-like JPEG of size (W, H): shading at every scale from a third of the image down to
+    8 px (octaves of enlarged noise, equal in amplitude: the 1/f spectrum of natural images), a
+    dozen hard-edged shapes, and sensor-like noise (sd 2 levels). At 4032x3024 its file size
+    (1.5 MB) and decode time match those of scikit-image's sample photos enlarged to that size with
+    the same noise (1.1-1.9 MB, 55-65 ms on one core of an AMD EPYC)."""
+    w, h = size
+    g = torch.Generator().manual_seed(seed)
+    small = (max(2, h // 8), max(2, w // 8))
+    img = torch.zeros(1, 3, *small)
+    cells = 3
+    while cells <= min(small):
+        field = torch.randn(1, 3, max(2, cells * h // w), cells, generator=g)
+        img += 22 * F.interpolate(field, size=small, mode="bicubic", align_corners=False)
+        cells *= 2
+    img = F.interpolate(img, size=(h, w), mode="bicubic", align_corners=False)[0].permute(1, 2, 0) + 128
+    base = Image.fromarray(img.clamp_(0, 255).to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(base)
+    rng = np.random.default_rng(seed)
+    for _ in range(12):
+        x, y = rng.integers(0, w), rng.integers(0, h)
+        r = rng.integers(max(1, min(w, h) // 30), max(2, min(w, h) // 6))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    pixels = torch.from_numpy(np.array(base)).float().add_(torch.randn(h, w, 3, generator=g), alpha=2.0)
+    buf = io.BytesIO()
+    Image.fromarray(pixels.add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
 
 
 class Jpegs(Dataset):
@@ -133,56 +175,81 @@ def torchvision_pipeline(size=224):
 
 # ----------------------------------------------------------------------------
 
-def bench_views(args):
-    """Per image (two views), thread CPU time, one thread: the decode alone (the limit), the GPU
-    path's CPU share (decode + two crop + flips: what --distort-on device workers do), whole views
-    (--distort-on workers), and the torchvision pipeline, each on the same in-memory JPEGs."""
-    torch.set_num_threads(1)
-    blobs = make_jpegs(args.view_images)
-    standard, ours = torchvision_pipeline(224), SimCLRViews(224)
-
-    def pil(blob):
-        return Image.open(io.BytesIO(blob)).convert("RGB")  # what ImageFolder's default loader does
-
-    pipelines = {  # name: (what one image costs, views it makes)
-        "decode, PIL (open + RGB)": (pil, 0),
-        "decode, torchvision decode_jpeg": (augment.decode, 0),
-        "GPU path: decode + crop + flip": (ours.crops, 2),
-        "GPU path from PIL: PIL decode + crop + flip": (lambda blob: ours.crops(pil(blob)), 2),
-        "CPU path: whole views": (ours, 2),
-        "torchvision pipeline": (lambda blob: _two(standard, pil(blob)), 2),  # one decode, two views
-    }
-    if args.views_baseline:  # another augment.py (e.g. an earlier commit's, on PIL images), in the same rounds
-        spec = importlib.util.spec_from_file_location("augment_baseline", args.views_baseline)
-        baseline = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(baseline)
-        base_views = baseline.SimCLRViews(224)
-        pipelines["baseline: whole views"] = (lambda blob: base_views(pil(blob)), 2)
-        pipelines["baseline: decode + crop + flip"] = (lambda blob: base_views.crops(pil(blob)), 2)
+def time_per_image(pipelines, blobs, rounds):
+    """{name: thread CPU seconds per image} of each pipeline (name: (fn of an encoded image, views))
+    on the same blobs, decoded each time: one warm-up call each, then `rounds` rounds in which every
+    pipeline runs over all blobs in turn; medians. CPU time of this thread, not wall time: on a
+    shared machine other processes would otherwise count against whichever pipeline runs while
+    they do."""
     seconds = {name: [] for name in pipelines}
-    for fn, _ in pipelines.values():  # warm-up
+    for fn, _ in pipelines.values():
         fn(blobs[0])
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, (fn, _) in pipelines.items():
-            # CPU time of this thread, not wall time: on a shared machine other processes would
-            # otherwise count against whichever pipeline runs while they do
             t = time.thread_time()
             for blob in blobs:
                 fn(blob)
             seconds[name].append((time.thread_time() - t) / len(blobs))
-    torch.set_num_threads(os.cpu_count() or 1)
-    per_image = {name: statistics.median(s) for name, s in seconds.items()}
-    decode = per_image["decode, torchvision decode_jpeg"]  # what the path below decodes with: the limit
-    print(f"\n[views] per image (two 224 px views), one thread, thread CPU time, {len(blobs)} JPEGs of 500x375 "
-          f"decoded each time, median of {args.rounds} interleaved rounds; per core = per CPU-second of one thread")
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def view_rows(pipelines, per_image, decode):
+    """Print and return one row per pipeline: ms, images/s and views/s per core, x the decode."""
     rows = {}
     for name, (_, views) in pipelines.items():
         ms = 1000 * per_image[name]
         rows[name] = {"ms_per_image": ms, "images_per_s": 1 / per_image[name],
                       "views_per_s": views / per_image[name] if views else None, "x_decode": per_image[name] / decode}
         rate = f"{views / per_image[name]:7.1f} views/s" if views else " " * 15
-        print(f"  {name:45s} {ms:7.3f} ms  {1 / per_image[name]:7.1f} images/s {rate}   "
+        print(f"  {name:45s} {ms:8.3f} ms  {1 / per_image[name]:7.1f} images/s {rate}   "
               f"{per_image[name] / decode:5.2f}x the decode")
+    return rows
+
+
+def pil_decode(blob):
+    return Image.open(io.BytesIO(blob)).convert("RGB")  # what ImageFolder's default loader does
+
+
+def bench_views(args):
+    """Per image (two views), thread CPU time, one thread: the decode alone (the limit), the GPU
+    path's CPU share (decode + two crop + flips: what --distort-on device workers do), whole views
+    (--distort-on workers), and the torchvision pipeline, each on the same in-memory JPEGs; where
+    the GPU path's time goes; the same on large photos with and without the scaled decode."""
+    torch.set_num_threads(1)
+    try:
+        result = views_500x375(args)
+        result["breakdown"] = views_breakdown(args)
+        result["photos"] = {f"{w}x{h}": views_photos(args, (w, h)) for w, h in args.photo_sizes}
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    return result
+
+
+def views_500x375(args):
+    blobs = make_jpegs(args.view_images)
+    standard, ours = torchvision_pipeline(224), SimCLRViews(224)
+    scaled = SimCLRViews(224, scaled_decode=True)
+    pipelines = {  # name: (what one image costs, views it makes)
+        "decode, PIL (open + RGB)": (pil_decode, 0),
+        "decode, torchvision decode_jpeg": (augment.decode, 0),
+        "GPU path: decode + crop + flip": (ours.crops, 2),
+        "GPU path, scaled decode on (folders' default)": (scaled.crops, 2),
+        "GPU path from PIL: PIL decode + crop + flip": (lambda blob: ours.crops(pil_decode(blob)), 2),
+        "CPU path: whole views": (ours, 2),
+        "torchvision pipeline": (lambda blob: _two(standard, pil_decode(blob)), 2),  # one decode, two views
+    }
+    if args.views_baseline:  # another augment.py (e.g. an earlier commit's, on PIL images), in the same rounds
+        spec = importlib.util.spec_from_file_location("augment_baseline", args.views_baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
+        base_views = baseline.SimCLRViews(224)
+        pipelines["baseline: whole views"] = (lambda blob: base_views(pil_decode(blob)), 2)
+        pipelines["baseline: decode + crop + flip"] = (lambda blob: base_views.crops(pil_decode(blob)), 2)
+    per_image = time_per_image(pipelines, blobs, args.rounds)
+    decode = per_image["decode, torchvision decode_jpeg"]  # what the path below decodes with: the limit
+    print(f"\n[views] per image (two 224 px views), one thread, thread CPU time, {len(blobs)} JPEGs of 500x375 "
+          f"decoded each time, median of {args.rounds} interleaved rounds; per core = per CPU-second of one thread")
+    rows = view_rows(pipelines, per_image, decode)
     tv, gpu, cpu = (per_image[k] for k in ("torchvision pipeline", "GPU path: decode + crop + flip", "CPU path: whole views"))
     result = {"per_image": rows, "ratio_ours_over_torchvision": tv / cpu, "ratio_crop_flip_over_torchvision": tv / gpu,
               "gpu_path_over_decode": gpu / decode, "gpu_path_over_pil_decode": gpu / per_image["decode, PIL (open + RGB)"]}
@@ -194,6 +261,87 @@ def bench_views(args):
         result["ratio_crop_flip_over_baseline"] = per_image["baseline: decode + crop + flip"] / gpu
         print(f"  ours / baseline ({args.views_baseline}): whole views {result['ratio_ours_over_baseline']:.2f}x, "
               f"decode + crop + flip {result['ratio_crop_flip_over_baseline']:.2f}x")
+    return result
+
+
+def views_breakdown(args, size=224):
+    """Where the GPU path's CPU time goes on the 500x375 JPEGs, part by part (each part timed alone
+    on the same images and draws, interleaved rounds, medians): the decode; drawing the two boxes and
+    flips; the copy of each crop (a view of the decoded image) into a contiguous channels-last
+    tensor, which torch's AVX2 uint8 resize makes first; the resize kernel on those copies; the flip
+    (one view in two on average); the collate (both views copied into the batch's rows, as
+    data.collate does in a worker), none of which bench's GPU-path row includes."""
+    blobs = make_jpegs(args.view_images)
+    views = SimCLRViews(size)
+    crop_flip = views.crop_flip
+    hwcs = [augment.pixels(augment.decode(b)) for b in blobs]
+    g = torch.Generator().manual_seed(0)
+    draws = [[crop_flip.draw(*hwc.shape[:2], generator=g) for _ in range(2)] for hwc in hwcs]
+
+    def crop_views(i):
+        return [hwcs[i][t:t + h, l:l + w].unsqueeze(0).permute(0, 3, 1, 2) for (t, l, h, w), _ in draws[i]]
+
+    copies = [[c.contiguous(memory_format=torch.channels_last) for c in crop_views(i)] for i in range(len(blobs))]
+    resized = [[F.interpolate(c, size=(size, size), mode="bicubic", antialias=True) for c in cs] for cs in copies]
+    outputs = [augment.resized_crop(hwcs[i], box, size, flip) for i in range(len(blobs)) for box, flip in draws[i]]
+    index = list(range(len(blobs)))
+    parts = {  # name: (fn of an image index, views)
+        "decode (torchvision decode_jpeg)": (lambda i: augment.decode(blobs[i]), 0),
+        "draw two boxes and flips": (lambda i: [crop_flip.draw(*hwcs[i].shape[:2], generator=g) for _ in range(2)], 0),
+        "copy of each crop to channels-last": (lambda i: [c.contiguous(memory_format=torch.channels_last)
+                                                           for c in crop_views(i)], 0),
+        "resize kernel, two crops": (lambda i: [F.interpolate(c, size=(size, size), mode="bicubic", antialias=True)
+                                                for c in copies[i]], 0),
+        "flip (the views drawn flipped)": (lambda i: [r.flip(-1) for r, (_, flip) in zip(resized[i], draws[i]) if flip],
+                                           0),
+        "collate: two views into the batch": (lambda i: torch.stack([v.permute(1, 2, 0) for v in outputs[2 * i:2 * i + 2]]),
+                                              0),
+        "whole GPU path (decode + crop + flip)": (lambda i: views.crops(blobs[i], g), 0),
+    }
+    per_image = time_per_image(parts, index, args.rounds)
+    decode = per_image["decode (torchvision decode_jpeg)"]
+    print(f"\n[views] where the GPU path's time goes, per image, the same {len(blobs)} JPEGs of 500x375 (each part "
+          f"alone, median of {args.rounds} interleaved rounds)")
+    rows = {}
+    for name in parts:
+        rows[name] = {"ms_per_image": 1000 * per_image[name], "x_decode": per_image[name] / decode}
+        print(f"  {name:45s} {1000 * per_image[name]:8.3f} ms   {per_image[name] / decode:5.2f}x the decode")
+    crop_parts = sum(per_image[k] for k in list(parts)[1:5])
+    print(f"  the crop parts together: {1000 * crop_parts:.3f} ms, {crop_parts / decode:.2f}x the decode "
+          f"(the resize kernel alone {per_image['resize kernel, two crops'] / decode:.2f}x)")
+    return {"per_image": rows, "crop_parts_over_decode": crop_parts / decode}
+
+
+def views_photos(args, size):
+    """The views rows on large photo-like JPEGs (make_photo), with and without the scaled decode."""
+    t = time.perf_counter()
+    blobs = [make_photo(size, seed=i) for i in range(args.photo_images)]
+    made = time.perf_counter() - t
+    standard, full, scaled = torchvision_pipeline(224), SimCLRViews(224), SimCLRViews(224, scaled_decode=True)
+    pipelines = {
+        "decode, PIL (open + RGB)": (pil_decode, 0),
+        "decode, torchvision decode_jpeg": (augment.decode, 0),
+        "GPU path: decode + crop + flip": (full.crops, 2),
+        "GPU path, scaled decode": (scaled.crops, 2),
+        "CPU path: whole views": (full, 2),
+        "CPU path: whole views, scaled decode": (scaled, 2),
+        "torchvision pipeline": (lambda blob: _two(standard, pil_decode(blob)), 2),
+    }
+    per_image = time_per_image(pipelines, blobs, args.rounds)
+    decode = per_image["decode, torchvision decode_jpeg"]
+    mb = sum(len(b) for b in blobs) / len(blobs) / 1e6
+    print(f"\n[views] large photos: {len(blobs)} photo-like JPEGs of {size[0]}x{size[1]} ({mb:.2f} MB each, quality 90; "
+          f"made in {made:.0f} s), per image, one thread, median of {args.rounds} interleaved rounds")
+    rows = view_rows(pipelines, per_image, decode)
+    gpu, gpu_scaled = per_image["GPU path: decode + crop + flip"], per_image["GPU path, scaled decode"]
+    cpu, cpu_scaled = per_image["CPU path: whole views"], per_image["CPU path: whole views, scaled decode"]
+    tv = per_image["torchvision pipeline"]
+    result = {"per_image": rows, "mb_per_image": mb, "gpu_path_over_decode": gpu / decode,
+              "gpu_path_scaled_over_decode": gpu_scaled / decode, "scaled_decode_speedup_gpu_path": gpu / gpu_scaled,
+              "scaled_decode_speedup_whole_views": cpu / cpu_scaled, "ratio_crop_flip_scaled_over_torchvision": tv / gpu_scaled}
+    print(f"  GPU path / decode: {gpu / decode:.2f}x, with the scaled decode {gpu_scaled / decode:.2f}x: "
+          f"{gpu / gpu_scaled:.2f}x cheaper (whole views {cpu / cpu_scaled:.2f}x); torchvision's pipeline costs "
+          f"{tv / gpu_scaled:.1f}x the scaled GPU path")
     return result
 
 

@@ -7,7 +7,9 @@ DIR/val/CLASS/*), folder is every image under a folder in any layout, without
 labels (pretraining only), and synthetic is a labelled set of generated images
 (textures and shapes, no download) for trying the pipeline offline.
 build_dataset returns (image, label) pairs, the image a PIL image, or for imagefolder
-a uint8 (3, H, W) tensor (load_image: JPEGs decoded straight into a tensor); SeededTransform applies a
+a uint8 (3, H, W) tensor (load_image: JPEGs decoded straight into a tensor; with encoded=True the
+folders hand JPEGs over as their bytes, for views that decode them at the scale their crops need,
+augment.SimCLRViews(scaled_decode=True)); SeededTransform applies a
 transform whose randomness is fixed by (seed, epoch, index), so the views do
 not depend on the number of workers or processes and a resumed run sees
 exactly the views it would have seen. Unreadable images are skipped and
@@ -138,9 +140,11 @@ class SyntheticImages(Dataset):
 
 # ----------------------------------------------------------------------------
 
-def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
+def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512, encoded=False):
     """(PIL image, label) pairs. split: 'pretrain' (STL-10: train+unlabeled), 'train', or 'test'.
-    image_size and synthetic_size only concern the synthetic set."""
+    image_size and synthetic_size only concern the synthetic set; encoded only the folders
+    (imagefolder, folder): their JPEGs come as the file's bytes, for views that decode them at the
+    scale their crops need (augment.SimCLRViews(scaled_decode=True); see load_image)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in ("pretrain", "train", "test"):
@@ -150,12 +154,12 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
         n = synthetic_size if train else max(len(SYNTHETIC_CLASSES), synthetic_size // 4)
         return SyntheticImages(n, image_size, train=train)
     if name == "imagefolder":
-        return _image_folder(data_dir, "train") if train else _validation_folder(data_dir)
+        return _image_folder(data_dir, "train", encoded) if train else _validation_folder(data_dir, encoded)
     if name == "folder":
         if split != "pretrain":
             raise DataError("--dataset folder has no labels, so it cannot be evaluated on; evaluate on a labelled "
                             "folder: --dataset imagefolder --data-dir DIR (DIR/train/CLASS/*, DIR/val/CLASS/*)")
-        return FolderImages(data_dir)
+        return FolderImages(data_dir, encoded)
 
     from torchvision import datasets
     if name == "stl10":
@@ -226,39 +230,46 @@ class GrayAsRGB(Dataset):
         return img.convert("RGB"), label
 
 
-def load_image(path):
+def load_image(path, encoded=False):
     """An image file as uint8 (3, H, W) RGB (channels-last), what the views are made from.
     JPEGs are decoded by torchvision's libjpeg-turbo into a tensor directly (the same pixels as
     PIL's, and faster end to end: PIL's decode is about as fast, but its pixels then cost a
     copy out of PIL); other formats, and JPEGs that decoder refuses, by PIL, whose error (for
-    a file neither can read) says why."""
+    a file neither can read) says why. encoded: a JPEG comes back as the file's bytes, undecoded,
+    for views that decode it at the scale their crops need (a file that turns out unreadable then
+    raises augment.DecodeError there, which SeededTransform counts as unreadable too)."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:3] == augment.JPEG_MAGIC:
-        return augment.decode(data)
+        return data if encoded else augment.decode(data)
     with Image.open(path) as img:
         return augment.pixels(img).permute(2, 0, 1)
 
 
-def _image_folder(data_dir, sub):
+def load_encoded(path):
+    """load_image(path, encoded=True), a plain function (ImageFolder's loader crosses to the workers)."""
+    return load_image(path, encoded=True)
+
+
+def _image_folder(data_dir, sub, encoded=False):
     from torchvision.datasets import ImageFolder
     root = os.path.join(data_dir, sub)
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a directory; --data-dir must hold the ImageNet layout "
                         f"{sub}/CLASS/IMAGE (e.g. {os.path.join(root, 'n01440764', 'x.JPEG')})")
     try:
-        return ImageFolder(root, loader=load_image)
+        return ImageFolder(root, loader=load_encoded if encoded else load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
 
 
-def _validation_folder(data_dir):
+def _validation_folder(data_dir, encoded=False):
     """DIR/val with the class indices of DIR/train: each split's ImageFolder numbers its own sorted
     class folders, so a val/ that lacks a class of train/ would shift every later class by one and
     score every image against the wrong class. DIR/train's folder names (only listed, not scanned)
     define the indices; a val/ class that train/ lacks is a DataError, a train/ class without
     val/ images is kept in `absent_classes` (class_note says so). Without DIR/train, val/'s own."""
-    val = _image_folder(data_dir, "val")
+    val = _image_folder(data_dir, "val", encoded)
     train_root = os.path.join(data_dir, "train")
     if os.path.isdir(train_root):
         from torchvision.datasets.folder import find_classes
@@ -351,10 +362,10 @@ def list_images(root, left_out=None):
 
 class FolderImages(Dataset):
     """Every image under `root` in any layout, unlabeled: dataset[i] = (uint8 (3, H, W) RGB, -1),
-    read by load_image as the ImageNet folders are.
+    read by load_image as the ImageNet folders are (encoded: JPEGs as their bytes).
     `samples` holds (path, -1) pairs in list_images' sorted order."""
 
-    def __init__(self, root):
+    def __init__(self, root, encoded=False):
         if not os.path.isdir(root):
             raise DataError(f"{root} is not a directory; --dataset folder reads every image under --data-dir")
         self.left_out = {}  # what the listing passed over (list_images)
@@ -362,14 +373,14 @@ class FolderImages(Dataset):
         if not paths:
             raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files in any case, "
                             "in every folder below it, hidden ones left out); is --data-dir the right folder?")
-        self.root, self.samples = root, [(p, -1) for p in paths]
+        self.root, self.samples, self.encoded = root, [(p, -1) for p in paths], encoded
         self.classes = []
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
-        return load_image(self.samples[i][0]), -1
+        return load_image(self.samples[i][0], self.encoded), -1
 
 
 def describe(dataset, name, data_dir, split="train"):
@@ -488,7 +499,9 @@ class SeededTransform(Dataset):
     An image that cannot be read (corrupt, truncated, not an image) is replaced by
     the next readable one, reported once per worker on stderr, and flagged in
     `unreadable` (1 for that sample); with strict=True it raises DataError instead, whose message
-    ends with `hint` (e.g. TRAIN_HINT) when given.
+    ends with `hint` (e.g. TRAIN_HINT) when given. Unreadable means: reading it from the dataset
+    fails, or the transform cannot decode what the dataset handed over undecoded
+    (augment.DecodeError; JPEG bytes for the scaled decode).
     """
 
     def __init__(self, dataset, transform, seed=0, strict=False, hint=None):
@@ -508,19 +521,27 @@ class SeededTransform(Dataset):
             j = (i + attempt) % len(self.dataset)
             try:
                 img, label = self.dataset[j]
-                break
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-                reason = f"{self._name(j)} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-                if self.strict:
-                    raise DataError(f"cannot read {reason}; remove or replace the file"
-                                    + (f" ({self.hint})" if self.hint else "")) from None
-                if j not in self._reported:
-                    self._reported.add(j)
-                    print(f"warning: skipping unreadable image {reason}", file=sys.stderr, flush=True)
-        else:
-            raise DataError(f"none of the {len(self.dataset)} images can be read")
-        generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, i))
-        return self.transform(img, generator), label, int(attempt > 0)  # 1: image i itself was unreadable
+                self._unreadable(j, f"{type(e).__name__}: {str(e)}")
+                continue
+            # seeded from i whichever image stands in: its draws do not depend on which one could be read
+            generator = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, i))
+            try:
+                out = self.transform(img, generator)
+            except augment.DecodeError as e:  # the image came undecoded and its decode failed here
+                self._unreadable(j, str(e))
+                continue
+            return out, label, int(attempt > 0)  # 1: image i itself was unreadable
+        raise DataError(f"none of the {len(self.dataset)} images can be read")
+
+    def _unreadable(self, j, error):
+        reason = f"{self._name(j)} ({' '.join(error.split())[:160]})"
+        if self.strict:
+            raise DataError(f"cannot read {reason}; remove or replace the file"
+                            + (f" ({self.hint})" if self.hint else "")) from None
+        if j not in self._reported:
+            self._reported.add(j)
+            print(f"warning: skipping unreadable image {reason}", file=sys.stderr, flush=True)
 
 
 class EpochTagged(Sampler):

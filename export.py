@@ -1,54 +1,87 @@
-"""The pretrained encoder out of this project: for torchvision, for detectron2, or as features.
+"""The pretrained encoder out of this project: for torchvision, for detectron2, as features, or as a
+picture of each query image's nearest neighbours.
 
   python export.py runs/imagenet/encoder.pt --to torchvision resnet50_simclr.pth
   python export.py runs/imagenet/encoder.pt --to detectron2 resnet50_simclr.pkl
   python export.py runs/mine/encoder.pt --to features --data-dir photos features.npz
+  python export.py runs/mine/encoder.pt --to neighbours --data-dir photos neighbours.png
+  python export.py runs/mine/encoder.pt --to neighbours --features features.npz neighbours.png
 
 Reads encoder.pt or ckpt.pt (pretrain.py, convert_official.py). torchvision: the state dict under
 torchvision's names; torchvision.models.resnetNN() loads it strictly with fc replaced by
 nn.Identity(), and gives the encoder's features exactly (width 1, ImageNet stem). detectron2: the
 pickle DetectionCheckpointer reads for build_resnet_backbone, and the config lines it needs are
-printed. features: h of every image under --data-dir, in sorted path order, to OUT.npz
-(`features` (N, d) float32, `paths` (N,)). Selective-kernel encoders and the CIFAR stem are refused
-for torchvision and detectron2 with one line; TensorFlow's max-pool padding gives a warning.
+printed. features: h of every readable image under --data-dir, in sorted path order, to OUT.npz
+(`features` (N, d) float32, `paths` (N,); unreadable images skipped and listed in `unreadable`, or
+--strict-data). neighbours: a picture of each query image and its --k nearest images by cosine
+similarity of h, from --data-dir or a --features file. Selective-kernel encoders and the CIFAR stem
+are refused for torchvision and detectron2 with one line; TensorFlow's max-pool padding gives a warning.
 
 Details: docs/export.md.
 """
 import argparse
+import json
+import os
 import pickle
 import sys
 
 import numpy as np
 import torch
 import torchvision
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset
 
 import data
 import flags
 import output
-from augment import EvalTransform
+from augment import EvalTransform, center_crop_resize
 from distributed import AMP_DTYPES, add_amp_flags, fail, resolve_amp, run, setup
-from features import extract_features
+from features import extract_features, nearest, to_device
 from model import CheckpointError, build_encoder, load_encoder, pretrain_settings, save_atomic, tensor_bytes
 
-TARGETS = ("torchvision", "detectron2", "features")
+TARGETS = ("torchvision", "detectron2", "features", "neighbours")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="encoder.pt or ckpt.pt")
-    p.add_argument("out", help="the file to write (.pth for torchvision, .pkl for detectron2, .npz for features)")
+    p.add_argument("out", help="the file to write (.pth for torchvision, .pkl for detectron2, .npz for features, "
+                               ".png or .jpg for neighbours)")
     p.add_argument("--to", required=True, choices=TARGETS)
-    p.add_argument("--data-dir", default=None, help="--to features: the folder of images (any layout)")
-    p.add_argument("--image-size", type=int, default=None, help="--to features: default: the pretraining one")
-    p.add_argument("--batch-size", type=int, default=256, help="--to features: images per batch")
-    p.add_argument("--workers", type=int, default=None, help="--to features: data loading processes")
-    add_amp_flags(p, what="the encoder (--to features)")
+    p.add_argument("--data-dir", default=None, help="--to features, neighbours: the folder of images (any layout)")
+    p.add_argument("--strict-data", action="store_true",
+                   help="--to features, neighbours: stop at an unreadable image (default: skip it, count it, and list "
+                        "it in OUT.npz's `unreadable`)")
+    p.add_argument("--image-size", type=int, default=None, help="--to features, neighbours: default: the pretraining one")
+    p.add_argument("--batch-size", type=int, default=256, help="--to features, neighbours: images per batch")
+    p.add_argument("--workers", type=int, default=None, help="--to features, neighbours: data loading processes")
+    n = p.add_argument_group("--to neighbours")
+    n.add_argument("--features", default=None, help="the features of the images (--to features' OUT.npz) instead of "
+                                                     "--data-dir: a large folder is embedded once")
+    n.add_argument("--queries", type=int, default=6, help="query images, drawn at random (--seed) from the images")
+    n.add_argument("--query", action="append", default=None, metavar="PATH",
+                   help="a query image instead (repeat for several); one that is not among the images is embedded "
+                        "with the checkpoint")
+    n.add_argument("--k", type=int, default=8, help="nearest images per query")
+    n.add_argument("--seed", type=int, default=0, help="draws the queries")
+    n.add_argument("--tile", type=int, default=128, help="pixels of each image in the picture")
+    add_amp_flags(p, what="the encoder (--to features, neighbours)")
     args = p.parse_args(argv)
+    images = args.to in ("features", "neighbours")
     if args.to == "features" and not args.data_dir:
         p.error("--to features needs --data-dir, the folder of images")
-    if args.to != "features" and args.data_dir:
-        p.error(f"--data-dir is for --to features; --to {args.to} exports the weights alone")
-    flags.check(p.error, args, {"batch_size": "[1, inf)", "image_size": "[1, inf)", "workers": "[0, inf)"})
+    if args.to == "neighbours" and bool(args.data_dir) == bool(args.features):
+        p.error("--to neighbours needs the images: --data-dir DIR (embedded now) or --features FILE.npz (from --to "
+                "features), one of them")
+    if not images and (args.data_dir or args.features):
+        p.error(f"--data-dir and --features are for --to features and neighbours; --to {args.to} exports the "
+                "weights alone")
+    if args.to != "neighbours" and args.features:
+        p.error("--features is for --to neighbours")
+    flags.check(p.error, args, {"batch_size": "[1, inf)", "image_size": "[1, inf)", "workers": "[0, inf)",
+                                "k": "[1, inf)", "queries": "[1, inf)", "tile": "[16, inf)"})
+    if args.to == "neighbours" and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        p.error(f"{args.out}: the picture's name must end in an image format PIL writes (.png, .jpg, ...)")
     return args
 
 
@@ -169,28 +202,181 @@ def warn_tf_pool(encoder, target):
 # ----------------------------------------------------------------------------
 # features
 
-def export_features(args, encoder, ckpt):
-    ctx = setup()
-    args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
-    size = args.image_size or pretrain_settings(ckpt).get("image_size") or 224
+class OwnIndex(Dataset):
+    """dataset[i] = (image, i): the label a row of features gets names the image it was made from, so
+    the rows SeededTransform filled with a stand-in (for an image it could not read) are told apart."""
+
+    def __init__(self, dataset):
+        self.dataset, self.samples = dataset, dataset.samples
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], i
+
+
+def eval_image_size(args, encoder, ckpt, recorded=None):
+    """The evaluation transform's size: --image-size, else the one the features were made at (a
+    features file's), else the pretraining one; one line if the encoder's stem cannot take it."""
+    size = args.image_size or recorded or pretrain_settings(ckpt).get("image_size") or 224
     if flags.image_size_problem(size, encoder.config["cifar_stem"]):
         fail(flags.image_size_problem(size, encoder.config["cifar_stem"]))
+    return size
+
+
+def folder_features(args, encoder, ckpt, ctx):
+    """h of every readable image under --data-dir -> (features (N, d) float32 on the CPU, their paths
+    (N,), the unreadable images' paths, image size)."""
+    args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
+    size = eval_image_size(args, encoder, ckpt)
     images = data.FolderImages(args.data_dir)
     output.check_file(args.out, "OUT")  # every input is checked: the folder is made
     workers = data.default_workers() if args.workers is None else args.workers
-    loader = data.make_loader(data.SeededTransform(images, EvalTransform(size, train=False), strict=True,
-                                                   hint="export.py writes the features of every image, so each "
-                                                        "must be readable"),
+    loader = data.make_loader(data.SeededTransform(OwnIndex(images), EvalTransform(size, train=False),
+                                                   strict=args.strict_data,
+                                                   hint="without --strict-data unreadable images are skipped and "
+                                                        "listed"),
                               args.batch_size, train=False, workers=workers, pin_memory=ctx.cuda)
     print(f"{amp_text}; {data.describe(images, 'folder', args.data_dir, None).split(': ', 1)[1]}, {size} px, "
           f"encoder {encoder.config}", flush=True)
     # eval mode: BN uses the statistics from pretraining, as in the evaluation scripts
-    feats, _ = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
-                                what="features")
-    output.write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.float().cpu().numpy(),
-                                                       paths=np.array([p for p, _ in images.samples])),
+    feats, made_from = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
+                                        what="features")
+    readable = (made_from.cpu() == torch.arange(len(images))).numpy()  # rows of stand-ins are dropped
+    paths = np.array([p for p, _ in images.samples])
+    unreadable = paths[~readable]
+    if len(unreadable):
+        print(f"skipped {len(unreadable)} unreadable image{'s' if len(unreadable) > 1 else ''} of {len(images)} "
+              f"(warnings above; --strict-data stops at the first)", flush=True)
+    return feats.float().cpu()[torch.from_numpy(readable)], paths[readable], unreadable, size
+
+
+def export_features(args, encoder, ckpt):
+    ctx = setup()
+    feats, paths, unreadable, size = folder_features(args, encoder, ckpt, ctx)
+    output.write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.numpy(), paths=paths, unreadable=unreadable,
+                                                       image_size=np.array(size),
+                                                       encoder=np.array(json.dumps(encoder.config))),
                         "OUT", needed=feats.numel() * 4, suffix=".npz")  # np.savez adds .npz to a name without it
-    print(f"wrote {args.out}: features {tuple(feats.shape)} float32 and paths ({len(images)})", flush=True)
+    print(f"wrote {args.out}: features {tuple(feats.shape)} float32 and paths ({len(paths)})"
+          + (f", and the {len(unreadable)} unreadable images' paths in `unreadable`" if len(unreadable) else ""),
+          flush=True)
+
+
+# ----------------------------------------------------------------------------
+# neighbours
+
+def read_features(path, encoder):
+    """--to features' file -> (features (N, d) float32, paths (N,), image size or None)."""
+    try:
+        with np.load(path) as f:
+            feats, paths = torch.from_numpy(f["features"]).float(), f["paths"]
+            size = int(f["image_size"]) if "image_size" in f else None
+            config = json.loads(str(f["encoder"])) if "encoder" in f else None
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"cannot read features from {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+             "make the file with --to features")
+    if feats.dim() != 2 or len(feats) != len(paths) or len(paths) < 2:
+        fail(f"{path} holds {tuple(feats.shape)} features for {len(paths)} paths; it needs at least 2 rows, one per path")
+    if feats.shape[1] != encoder.feature_dim:
+        fail(f"{path} holds {feats.shape[1]}-d features, this encoder gives {encoder.feature_dim}-d: the file was "
+             "made with another encoder; pass that one's checkpoint, or embed the images anew with --data-dir")
+    if config is not None and config != encoder.config:
+        print(f"warning: {path} was made by an encoder {config}, not this one ({encoder.config}); queries from "
+              "outside the file are embedded with this one", file=sys.stderr, flush=True)
+    return feats, paths, size
+
+
+@torch.no_grad()
+def embed(encoder, paths, size, ctx, amp):
+    """h of some image files, through the evaluation transform (as folder_features): (n, d) float32."""
+    transform = EvalTransform(size, train=False)
+    images = []
+    for path in paths:
+        try:
+            images.append(transform(data.load_image(path)))
+        except Exception as e:  # a missing or unreadable query (PIL raises OSError, SyntaxError, ValueError, ...)
+            fail(f"cannot read the query image {path} ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+    x = torch.stack(images)
+    with torch.autocast(ctx.device.type, dtype=AMP_DTYPES[amp], enabled=AMP_DTYPES[amp] is not None):
+        return encoder.to(ctx.device).eval()(to_device(x, ctx.device)).float().cpu()
+
+
+def choose_queries(args, encoder, paths, size, ctx):
+    """-> (query features (q, d) or None for rows of the set, the set's row of each query or -1, query paths)."""
+    if not args.query:
+        rows = np.random.default_rng(args.seed).choice(len(paths), size=min(args.queries, len(paths)), replace=False)
+        return None, torch.from_numpy(rows), list(paths[rows])
+    where = {os.path.realpath(p): i for i, p in enumerate(paths)}
+    rows = torch.tensor([where.get(os.path.realpath(p), -1) for p in args.query])
+    outside = [p for p, r in zip(args.query, rows.tolist()) if r < 0]
+    return (embed(encoder, outside, size, ctx, args.amp) if outside else None), rows, list(args.query)
+
+
+def export_neighbours(args, encoder, ckpt):
+    ctx = setup()
+    if args.features:
+        feats, paths, recorded = read_features(args.features, encoder)
+        args.amp, _ = resolve_amp(args.amp, ctx.device, train=False)
+        size = eval_image_size(args, encoder, ckpt, recorded)
+        output.check_file(args.out, "OUT")
+    else:
+        feats, paths, _, size = folder_features(args, encoder, ckpt, ctx)
+        if len(paths) < 2:
+            fail(f"{args.data_dir} has {len(paths)} readable image; the picture needs at least 2")
+    outside, rows, query_paths = choose_queries(args, encoder, paths, size, ctx)
+    queries = feats[rows.clamp(min=0)]
+    if outside is not None:
+        queries[rows < 0] = outside
+    k = min(args.k, len(paths) - int((rows >= 0).any()))
+    if k < args.k:
+        print(f"note: {len(paths)} images: {k} neighbours per query, not --k {args.k}", flush=True)
+    sims, idx = nearest(queries, feats, k, exclude=rows, device=ctx.device)  # a query is not its own neighbour
+    sims, idx = sims.cpu(), idx.cpu()
+    for q, (path, s, i) in enumerate(zip(query_paths, sims.tolist(), idx.tolist())):
+        print(f"query {q + 1} {path}: " + ", ".join(f"{paths[j]} {v:.3f}" for j, v in zip(i, s)), flush=True)
+    picture = neighbours_picture([[p] + [paths[j] for j in i] for p, i in zip(query_paths, idx.tolist())],
+                                 sims.tolist(), args.tile)
+    ext = os.path.splitext(args.out)[1].lower()
+    output.write_atomic(args.out, lambda tmp: picture.save(tmp, format=Image.registered_extensions()[ext]), "OUT")
+    print(f"wrote {args.out}: {len(query_paths)} queries x {k} nearest images by cosine similarity of h, "
+          f"{picture.width}x{picture.height} px", flush=True)
+
+
+PAD = 2  # white pixels around every tile
+
+
+def text_box(draw, text, font):
+    """(left, top, right, bottom) of text drawn at (0, 0): textbbox, or textsize on Pillow < 8 (which
+    torchvision 0.16 still allows)."""
+    if hasattr(draw, "textbbox"):
+        return draw.textbbox((0, 0), text, font=font)
+    return (0, 0, *draw.textsize(text, font=font))
+
+
+def neighbours_picture(rows, similarities, tile):
+    """A grid: one row per query, its image and then its neighbours' (a square centre crop of each,
+    `tile` px), "query" under the first and each neighbour's similarity under it -> an RGB PIL image
+    of PAD + columns x (tile + PAD) by PAD + rows x (tile + label + PAD) pixels."""
+    font = ImageFont.load_default()
+    probe = text_box(ImageDraw.Draw(Image.new("RGB", (1, 1))), "query 0.999", font)
+    label = probe[3] - probe[1] + 6  # the text's height and a margin (the font's own size)
+    columns = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (PAD + columns * (tile + PAD), PAD + len(rows) * (tile + label + PAD)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (paths, sims) in enumerate(zip(rows, similarities)):
+        y = PAD + r * (tile + label + PAD)
+        for c, (path, text) in enumerate(zip(paths, ["query"] + [f"{v:.3f}" for v in sims])):
+            x = PAD + c * (tile + PAD)
+            try:
+                pixels = center_crop_resize(data.load_image(path), tile, fraction=1.0)  # uint8 (3, tile, tile)
+            except Exception as e:  # moved or deleted since the features were made
+                fail(f"cannot read {path} for the picture ({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+            canvas.paste(Image.fromarray(pixels.permute(1, 2, 0).numpy()), (x, y))
+            box = text_box(draw, text, font)
+            draw.text((x + (tile - (box[2] - box[0])) // 2 - box[0], y + tile + 3 - box[1]), text, fill="black", font=font)
+    return canvas
 
 
 def _dump_pickle(obj, path):
@@ -204,6 +390,8 @@ def main(argv=None):
     encoder, ckpt = load_encoder(args.checkpoint)
     if args.to == "features":
         return export_features(args, encoder, ckpt)
+    if args.to == "neighbours":
+        return export_neighbours(args, encoder, ckpt)
     if args.to == "torchvision":
         state = torchvision_state(encoder)
         warn_tf_pool(encoder, "torchvision")

@@ -18,7 +18,7 @@ nothing ever makes a float32 copy of the whole set. ImageNet, ResNet-50 4x
 
 The kNN classifier is the weighted vote of Wu et al. 2018 used to monitor
 SimCLR-style training: cosine similarity, k = 200 neighbours, each voting
-exp(sim / 0.1) for its class.
+exp(sim / 0.1) for its class; nearest() finds the neighbours (also export.py's picture of them).
 
     feats, labels = extract_features(encoder.eval(), loader, device)
     top1 = knn_accuracy(train_feats, train_labels, feats, labels, num_classes, device=device)
@@ -190,37 +190,52 @@ def _unit_rows(x):
 
 
 @torch.no_grad()
+def nearest(queries, feats, k, exclude=None, device=None, query_chunk=1024, chunk=None, chunk_bytes=2 ** 27):
+    """The k rows of feats (n, d) most cosine-similar to each row of queries (q, d) ->
+    (similarities (q, k) float32, indices (q, k)) on `device` (default: the queries'), best first.
+    exclude (q,): per query, one row of feats left out (the query's own, when it is one of them;
+    -1: none). Ties keep the order topk gives.
+
+    Chunked over both sets, so memory beyond the inputs stays bounded: each chunk of `chunk`
+    rows of feats (default: chunk_bytes of float32) is moved to `device` and normalised once;
+    every query chunk is compared with it and its best k merged into the running top k of that
+    query chunk. The queries go to `device` once in their own dtype; the running top k take
+    q x k x 12 bytes."""
+    device = torch.device(device) if device is not None else queries.device
+    n = len(feats)
+    k = min(k, n)
+    chunk = chunk or max(1, chunk_bytes // (4 * feats.shape[1]))
+    queries = queries.to(device)
+    exclude = exclude.to(device) if exclude is not None else None
+    starts = range(0, len(queries), query_chunk)
+    best = [(torch.empty(len(queries[a:a + query_chunk]), 0, device=device),
+             torch.empty(len(queries[a:a + query_chunk]), 0, dtype=torch.long, device=device)) for a in starts]
+    for s in range(0, n, chunk):
+        rows = _unit_rows(feats[s:s + chunk].to(device))                       # (r, d)
+        for j, a in enumerate(starts):
+            sims = _unit_rows(queries[a:a + query_chunk]) @ rows.T              # (c, d) @ (d, r) -> (c, r)
+            if exclude is not None:  # the excluded row, where it falls in this chunk, can never be chosen
+                own = exclude[a:a + query_chunk] - s
+                inside = (own >= 0) & (own < len(rows))
+                sims[inside.nonzero().squeeze(1), own[inside]] = -float("inf")
+            v, i = sims.topk(min(k, len(rows)), dim=1)
+            v, i = torch.cat([best[j][0], v], 1), torch.cat([best[j][1], i + s], 1)
+            v, pos = v.topk(min(k, v.shape[1]), dim=1)                          # merge: best k of both
+            best[j] = (v, i.gather(1, pos))
+    return torch.cat([v for v, _ in best]), torch.cat([i for _, i in best])
+
+
+@torch.no_grad()
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1, device=None,
                 test_chunk=1024, train_chunk=None, chunk_bytes=2 ** 27):
     """Weighted kNN class scores (n_test, num_classes) on `device` (default: the test
-    features'): the k most cosine-similar training samples vote exp(sim / temperature)
-    for their class.
-
-    Chunked over both sets, so memory beyond the inputs stays bounded: each chunk of
-    train_chunk training rows (default: chunk_bytes of float32) is moved to `device`
-    and normalised once; every test chunk is compared with it and its best k merged
-    into the running top k of that test chunk. The test features go to `device` once
-    in their own dtype; the running top k take n_test x k x 12 bytes.
-    """
+    features'): the k most cosine-similar training samples (nearest(), chunked over both
+    sets) vote exp(sim / temperature) for their class."""
     device = torch.device(device) if device is not None else test_feats.device
-    n_train = len(train_feats)
-    k = min(k, n_train)
-    train_chunk = train_chunk or max(1, chunk_bytes // (4 * train_feats.shape[1]))
-    test = test_feats.to(device)
-    starts = range(0, len(test), test_chunk)
-    best = [(torch.empty(len(test[a:a + test_chunk]), 0, device=device),
-             torch.empty(len(test[a:a + test_chunk]), 0, dtype=torch.long, device=device)) for a in starts]
-    for s in range(0, n_train, train_chunk):
-        train = _unit_rows(train_feats[s:s + train_chunk].to(device))        # (r, d)
-        for j, a in enumerate(starts):
-            sims = _unit_rows(test[a:a + test_chunk]) @ train.T                # (c, d) @ (d, r) -> (c, r)
-            v, i = sims.topk(min(k, len(train)), dim=1)
-            v, i = torch.cat([best[j][0], v], 1), torch.cat([best[j][1], i + s], 1)
-            v, pos = v.topk(min(k, v.shape[1]), dim=1)                         # merge: best k of both
-            best[j] = (v, i.gather(1, pos))
+    sims, idx = nearest(test_feats, train_feats, k, device=device, query_chunk=test_chunk, chunk=train_chunk,
+                        chunk_bytes=chunk_bytes)
     labels = train_labels.to(device)
-    return torch.cat([torch.zeros(len(v), num_classes, device=device).scatter_add_(1, labels[i], (v / temperature).exp())
-                      for v, i in best])
+    return torch.zeros(len(sims), num_classes, device=device).scatter_add_(1, labels[idx], (sims / temperature).exp())
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=200, temperature=0.1, device=None):

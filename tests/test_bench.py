@@ -18,16 +18,22 @@ def test_bench_runs_on_cpu(tmp_path):
                          "--batch-size", "8", "--steps", "2", "--workers", "1", "--loss-sizes", "64,256",
                          "--epoch-images", "64", "--memory-cases", "2x32", "--memory-width", "0.25",
                          "--memory-rounds", "1", "--json", tmp_path / "bench.json",
-                         "--views-baseline", ROOT + "/augment.py"], tmp_path)
+                         "--views-baseline", ROOT + "/augment.py", "--photo-sizes", "160x120,96x64",
+                         "--photo-images", "1"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     first = result.stdout.splitlines()[0]
     assert "torch CPU capability " in first and "amp: off" in first  # the machine and precision behind the numbers
     for text in ("ours / torchvision:", "crop + flip only / torchvision:", "ours / baseline (",
-                 "(a) data on device (ceiling)", "(c) / (b):", "2N =    256 broadcast",
+                 "the crop parts together:", "large photos: 1 photo-like JPEGs of 160x120",
+                 "GPU path / decode: ", "with the scaled decode", "(a) data on device (ceiling)", "(c) / (b):",
+                 "2N =    256 broadcast",
                  "[epoch] ResNet-18 CIFAR stem, 64 generated", "-> checkpointing:"):
         assert text in result.stdout, result.stdout
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["views"]["ratio_ours_over_torchvision"] > 0 and results["views"]["ratio_ours_over_baseline"] > 0
+    assert set(results["views"]["photos"]) == {"160x120", "96x64"}
+    assert results["views"]["photos"]["96x64"]["scaled_decode_speedup_gpu_path"] > 0
+    assert results["views"]["breakdown"]["crop_parts_over_decode"] > 0
     assert {r["form"] for r in results["loss"]["loss"]} == {"ours", "broadcast"}
     assert all(r["peak_bytes"] >= 0 for r in results["loss"]["loss"])
 

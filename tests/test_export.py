@@ -10,9 +10,11 @@ import torch
 import torchvision
 from PIL import Image
 
+import augment
+import data
 import export
 from augment import EvalTransform
-from model import build_encoder, save_encoder
+from model import CheckpointError, build_encoder, save_encoder
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "reference", "detectron2_resnet_names.json")
 
@@ -142,3 +144,140 @@ def test_input_normalisation_travels_as_detectron2s_pixel_mean_and_std():
                      for k in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"))
         own = (x - encoder.input_mean) / encoder.input_std if encoder.normalise_input else x
         torch.testing.assert_close((255 * x - mean) / std, own, rtol=1e-5, atol=1e-5)
+
+
+def run_export(*argv):
+    """export.py as the command line runs it (run(): one line for bad input), in this process -> exit status."""
+    with pytest.raises(SystemExit) as e:
+        export.run(lambda: export.main([str(a) for a in argv]), (data.DataError, CheckpointError), data.error_text)
+    return e.value.code
+
+
+def image_folder(root, n, seed=0, size=(40, 48)):
+    """n PNG images under root (three families of colour, so some are alike), sorted names -> their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        base = np.array([[255, 40, 40], [40, 200, 60], [50, 60, 230]][i % 3], np.float64)
+        pixels = np.clip(base + rng.normal(0, 40, (*size, 3)), 0, 255).astype(np.uint8)
+        path = root / f"sub{i % 2}" / f"img{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def own_features(encoder, paths, size=32):
+    """h of image files through the evaluation transform, computed here."""
+    transform = EvalTransform(size, train=False)
+    with torch.no_grad():
+        return encoder(torch.stack([transform(Image.open(p).convert("RGB")) for p in paths]).float() / 255)
+
+
+def test_features_skip_unreadable_images_and_list_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = image_folder(tmp_path / "imgs", 4)
+    (tmp_path / "imgs" / "sub0" / "broken.jpg").write_bytes(b"")
+    cut = tmp_path / "imgs" / "sub1" / "cut.jpg"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(cut, quality=90)
+    cut.write_bytes(cut.read_bytes()[:200])
+    encoder = trained_looking(build_encoder("resnet18", width=0.25, cifar_stem=True))
+    save_encoder(tmp_path / "enc.pt", encoder, image_size=32)
+    assert run_export(*["enc.pt", "--to", "features", "--data-dir", "imgs", "f.npz", "--workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped 2 unreadable images of 6" in out and "`unreadable`" in out
+    assert "skipping unreadable image imgs/sub0/broken.jpg (" in err and "imgs/sub1/cut.jpg (" in err
+    saved = np.load(tmp_path / "f.npz")
+    expected_paths = sorted(os.path.relpath(p, tmp_path) for p in good)
+    assert list(saved["paths"]) == expected_paths  # every row maps to its own image
+    assert sorted(saved["unreadable"]) == ["imgs/sub0/broken.jpg", "imgs/sub1/cut.jpg"]
+    assert int(saved["image_size"]) == 32 and json.loads(str(saved["encoder"])) == encoder.config
+    np.testing.assert_allclose(saved["features"], own_features(encoder, saved["paths"]).numpy(), rtol=1e-5, atol=1e-6)
+
+    status = run_export("enc.pt", "--to", "features", "--data-dir", "imgs", "g.npz", "--workers", "0", "--strict-data")
+    lines = capsys.readouterr().err.strip().splitlines()  # --strict-data: as before, one line, nothing written
+    assert status == 2 and "error: cannot read imgs/sub0/broken.jpg" in lines[-1], lines
+    assert not (tmp_path / "g.npz").exists()
+
+
+def tiles(picture, row, columns, tile, label):
+    """The tiles of one row of the picture, (tile, tile, 3) each."""
+    y = export.PAD + row * (tile + label + export.PAD)
+    return [picture[y:y + tile, export.PAD + c * (tile + export.PAD):export.PAD + c * (tile + export.PAD) + tile]
+            for c in range(columns)]
+
+
+def test_neighbours_are_those_of_a_brute_force_search_and_the_picture_shows_them(tmp_path, capsys, monkeypatch):
+    """On generated images: the queries --seed draws, their --k nearest by cosine similarity (the query itself
+    left out) against the full similarity matrix computed here, the printed similarities, and the picture:
+    its size, and each tile the centre crop of the image it should show. From a features file: the same
+    picture; a query outside the folder is embedded with the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    paths = [os.path.relpath(p, tmp_path) for p in image_folder(tmp_path / "imgs", 13)]
+    outside = image_folder(tmp_path / "elsewhere", 1, seed=5)[0]
+    encoder = build_encoder("resnet18", width=0.25, cifar_stem=True).eval()  # (similarities 0.68-0.9999 here)
+    save_encoder(tmp_path / "enc.pt", encoder, image_size=32)
+    tile, k, queries = 24, 4, 3
+    common = ["--workers", "0", "--tile", str(tile), "--k", str(k)]
+    assert run_export(*["enc.pt", "--to", "neighbours", "--data-dir", "imgs", "n.png", "--queries", str(queries),
+                 "--seed", "3"] + common) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("query ")]
+
+    order = sorted(paths)
+    h = torch.nn.functional.normalize(own_features(encoder, order), dim=1)
+    sims = h @ h.T                                     # brute force: every pair
+    assert sims.min() < 0.9  # images the encoder tells apart
+    sims.fill_diagonal_(-float("inf"))
+    drawn = np.random.default_rng(3).choice(len(order), size=queries, replace=False)
+    picture = np.asarray(Image.open(tmp_path / "n.png").convert("RGB"))
+    label = (picture.shape[0] - export.PAD) // queries - tile - export.PAD
+    assert picture.shape[1] == export.PAD + (k + 1) * (tile + export.PAD) and 8 <= label <= 30
+    assert picture.shape[0] == export.PAD + queries * (tile + label + export.PAD)
+    for r, q in enumerate(drawn):
+        best = sims[q].topk(k)
+        listed = printed[r].split(": ", 1)[1].split(", ")
+        assert printed[r].startswith(f"query {r + 1} {order[q]}: ")
+        found = [order.index(item.rsplit(" ", 1)[0]) for item in listed]
+        # the k best, best first (compared by similarity: two images as alike to 1e-5 may come in either order)
+        assert sims[q, found].tolist() == pytest.approx(best.values.tolist(), abs=1e-5)
+        assert [float(item.rsplit(" ", 1)[1]) for item in listed] == pytest.approx(best.values.tolist(), abs=6e-4)
+        shown = tiles(picture, r, k + 1, tile, label)
+        for c, j in enumerate([q] + found):
+            expected = augment.center_crop_resize(Image.open(order[j]).convert("RGB"), tile, fraction=1.0)
+            assert np.array_equal(shown[c], expected.permute(1, 2, 0).numpy())
+        band = picture[export.PAD + r * (tile + label + export.PAD) + tile:][:label]
+        assert (band < 128).any()  # the similarities are written under the tiles
+
+    assert run_export(*["enc.pt", "--to", "features", "--data-dir", "imgs", "f.npz", "--workers", "0"]) == 0
+    assert run_export(*["enc.pt", "--to", "neighbours", "--features", "f.npz", "m.png", "--queries", str(queries),
+                 "--seed", "3"] + common) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "m.png").convert("RGB")), picture)
+
+    capsys.readouterr()
+    assert run_export(*["enc.pt", "--to", "neighbours", "--features", "f.npz", "o.png", "--query", str(outside),
+                 "--query", order[5]] + common) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("query ")]
+    q = torch.nn.functional.normalize(own_features(encoder, [outside]), dim=1)
+    outside_sims = (q @ h.T)[0]
+    found = [order.index(item.rsplit(" ", 1)[0]) for item in lines[0].split(": ", 1)[1].split(", ")]
+    assert outside_sims[found].tolist() == pytest.approx(outside_sims.topk(k).values.tolist(), abs=1e-5)  # none left out
+    assert order[5] not in lines[1].split(": ", 1)[1]  # in the set: not its own neighbour
+
+
+def test_neighbours_refusals_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    image_folder(tmp_path / "imgs", 3)
+    save_encoder(tmp_path / "enc.pt", build_encoder("resnet18", width=0.25, cifar_stem=True), image_size=32)
+    save_encoder(tmp_path / "other.pt", build_encoder("resnet18", width=0.5, cifar_stem=True), image_size=32)
+    assert run_export(*["other.pt", "--to", "features", "--data-dir", "imgs", "f.npz", "--workers", "0"]) == 0
+    for argv, text in ((["n.png"], "needs the images"),
+                       (["n.png", "--data-dir", "imgs", "--features", "f.npz"], "one of them"),
+                       (["n.txt", "--data-dir", "imgs"], "image format"),
+                       (["n.png", "--features", "f.npz"], "256-d features, this encoder gives 128-d"),
+                       (["n.png", "--features", "missing.npz"], "cannot read features from missing.npz"),
+                       (["n.png", "--data-dir", "imgs", "--query", "nowhere.png", "--workers", "0"],
+                        "cannot read the query image nowhere.png")):
+        status = run_export("enc.pt", "--to", "neighbours", *argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and text in lines[-1] and "Traceback" not in "".join(lines), (argv, lines)
+    assert not (tmp_path / "n.png").exists()

@@ -147,14 +147,14 @@ def test_export_recommends_only_its_own_flags(tmp_path, capsys, monkeypatch):
     (tmp_path / "photos" / "bad.png").write_bytes(b"not a png")
     save_encoder(tmp_path / "enc.pt", build_encoder("resnet18", width=0.25), image_size=32)
     code, out, err = run_main(export, [tmp_path / "enc.pt", "--to", "features", "--data-dir", tmp_path / "photos",
-                                       "--workers", "0", tmp_path / "f.npz"], capsys, monkeypatch)
+                                       "--workers", "0", "--strict-data", tmp_path / "f.npz"], capsys, monkeypatch)
     lines = error_lines(err, "export")
     assert code == 2 and len(lines) == 1 and "cannot read" in lines[0] and "bad.png" in lines[0], err
     with pytest.raises(SystemExit):
         export.get_args(["--help"])
     help_text = capsys.readouterr().out
     said = {w.strip(",.;()") for w in lines[0].split() if w.startswith("--")}
-    assert all(flag in help_text for flag in said), said  # e.g. no --strict-data where export.py has none
+    assert all(flag in help_text for flag in said), said  # only flags export.py has
 
 
 def test_skipped_images_are_explained_and_a_finished_runs_encoder_is_written_again(tmp_path, capsys, monkeypatch):
