@@ -49,7 +49,7 @@ from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
                          rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup)
 from features import extract_features, knn_accuracy
-from lars import LARS, warmup_cosine
+from lars import LARS, gradients_finite, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
 from model import (CHECKPOINT_FORMAT, ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR,
                    build_encoder, read_checkpoint, save_atomic, save_encoder, unwrap)
@@ -283,13 +283,6 @@ def train_step(model, optimizer, x, temperature, amp, ctx, nonfinite, step, scal
     if scaler is not None:
         scaler.update()  # halves the scale after an overflow, doubles it after 2000 clean steps
     return torch.cat([stats, overflow.view(1)]), nonfinite
-
-
-def gradients_finite(optimizer):
-    """A 0-d bool tensor: whether every gradient is finite. The max-norm of a tensor is
-    finite exactly when all its elements are (it cannot overflow as a 2-norm could)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
 
 
 def first_nonfinite(record, loss, step):

@@ -317,13 +317,17 @@ def test_linear_eval_scores_the_stored_classifier_without_training(converted, tm
 
 def test_finetune_from_the_first_head_layer(converted, tmp_path):
     import finetune
+    from model import Classifier
     args = finetune.get_args([str(converted / "h.pt"), "--from-head-layer", "1"])
     encoder, ckpt = load_encoder(converted / "h.pt")
-    trunk, dim = finetune.head_layers(args, encoder, finetune.kept_head(args, ckpt))
     head = load_head(converted / "h.pt", ckpt)
-    assert dim == 256 and trunk[0] is encoder
-    assert [type(m) for m in trunk[1]] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
-    assert torch.equal(trunk[1][0].weight, head.net[0].weight)  # kept from the checkpoint, trained with the rest
+    kept = finetune.kept_head(args, head)
+    assert kept is head  # kept from the checkpoint, trained with the rest
+    net = Classifier(encoder, torch.nn.Linear(256, 10), kept, 1)
+    assert [type(m) for m in head.first_layers(1)] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert {"head.net.0.weight", "head.net.1.weight", "head.net.1.bias"} <= trained
+    assert not any(n.startswith(("head.net.3", "head.net.4", "head.net.6", "head.net.7")) for n in trained)  # layers 2, 3
     result = run_script(["finetune.py", converted / "h.pt", *SYNTHETIC, "--label-fraction", "0.5", "--epochs", "1",
                          "--from-head-layer", "1", "--out", "f.json"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
