@@ -445,8 +445,9 @@ def conv_weight_scale(encoder):
 @torch.no_grad()
 def rescale_convs(encoder, factor):
     """Multiply every BN-normalised convolution kernel by `factor` and its BN's running mean by
-    `factor`, running variance by factor^2: the same function (BN normalises the scale away; up to
-    BN's epsilon), with weights of another scale. SGD's step on such a kernel changes its direction
+    `factor`, running variance by factor^2: the same function (BN normalises the scale away), with
+    weights of another scale; up to BN's epsilon, which now counts 1/factor^2 as much (it matters
+    only where a variance nears it: in train mode, the SK attention's BN on a few images). SGD's step on such a kernel changes its direction
     by about lr / |w|^2, so this is what sets the effective learning rate of a momentum optimizer;
     LARS scales its steps with |w| and is unaffected."""
     for conv, bn in scale_invariant_convs(encoder):
