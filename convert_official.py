@@ -406,9 +406,10 @@ def distilled_head_layer(ckpt):
         (1, "its first projection-head layer was trained")
 
 
-def convert(prefix, out, head_layer=None, ema=False):
+def convert(prefix, out, head_layer=None, ema=False, extra_meta=None):
     """Convert checkpoint `prefix` to encoder.pt `out`; returns a one-line summary.
-    ema=True takes the trained variables from their ExponentialMovingAverage copies."""
+    ema=True takes the trained variables from their ExponentialMovingAverage copies;
+    extra_meta: entries added to (or replacing) the recorded meta, e.g. the source URL."""
     ckpt = TFCheckpoint(prefix)
     why = None
     if head_layer is None and distilled(prefix):
@@ -433,6 +434,7 @@ def convert(prefix, out, head_layer=None, ema=False):
             "tf_global_step": step, "ema": bool(ema)}
     if not config["cifar_stem"]:
         meta.update(dataset="imagefolder", image_size=224)
+    meta.update(extra_meta or {})
     save_encoder(out, encoder, head=head, classifier=classifier, **meta)
     read = {m[0] for m in mapping}
     skipped_names = [n for n in ckpt.shapes if skipped(n) and n not in read]
