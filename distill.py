@@ -10,7 +10,7 @@ The teacher is a fine-tuned network with its classifier: finetune.py's NAME.pt, 
 official finetuned_* checkpoint. It stays fixed, in eval mode, and labels every image on the fly,
 as the student sees it (no cache). The student is the teacher's encoder architecture (self-
 distillation) or --arch/--width (a plain ResNet with the teacher's stem), from random weights or
-from --init ENCODER.pt, with a new zero-initialised linear classifier on h. It trains on every
+from --init ENCODER.pt, with a new linear classifier on h. It trains on every
 image of the training split (STL-10: train+unlabeled; --dataset folder: every image under
 --data-dir), labels unused, with random crop + flip only, to minimise
 
@@ -20,11 +20,11 @@ with P(y|x; t) = softmax(logits / t), t = --temperature (loss.distillation_loss;
 paper). The labelled images are those finetune.py picks with the same --label-fraction and --seed
 (or --subset-file); they count only with --label-weight > 0.
 
-Defaults: LARS (biases, BN and the classifier without weight decay or trust ratio, as in the
-official fine-tuning), lr 0.1 x sqrt(batch) (SimCLRv2's pretraining rule), weight decay 1e-4 and
-momentum 0.9 (the official distillation colab's), no warmup, cosine decay per step, t = 1 (the
-colab's), 100 epochs (a choice: the paper's budget is not in its code), batch 4096 imagefolder,
-256 otherwise; BN synchronised across CUDA processes.
+Defaults: LARS as the official distillation colab has it (biases and BN without weight decay or
+trust ratio; the classifier's weight adapted like every other), weight decay 1e-4, momentum 0.9,
+t = 1, cosine decay per step (the colab's); lr 0.1 x sqrt(batch) (SimCLRv2's pretraining rule;
+the colab's toy run uses 2.0), no warmup, 100 epochs (a choice: the paper's budget is not in its
+code), batch 4096 imagefolder, 256 otherwise; BN synchronised across CUDA processes.
 
 Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the run mid-epoch:
 ckpt.pt (the state --resume continues from exactly), student.pt (the student in the encoder.pt
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 import data
 import resume
@@ -94,7 +94,7 @@ def get_args(argv=None):
     o.add_argument("--epochs", type=int, default=100)
     o.add_argument("--batch-size", type=int, default=None, help="global batch; default: 4096 imagefolder, 256 otherwise")
     o.add_argument("--optimizer", default="lars", choices=("lars", "sgd"),
-                   help="lars: as the official fine-tuning; sgd: Nesterov momentum SGD")
+                   help="lars: as the official distillation colab; sgd: Nesterov momentum SGD")
     o.add_argument("--lr", type=float, default=0.1, help="base learning rate")
     o.add_argument("--lr-scaling", default="sqrt", choices=("linear", "sqrt"),
                    help="peak lr = lr x batch/256 (linear) or lr x sqrt(batch) (sqrt)")
@@ -242,14 +242,13 @@ def student_encoder(args, teacher):
 
 
 def build_models(job, teacher):
-    """The student (new linear head on h, zero-initialised) wrapped for DDP, the teacher (eval mode,
-    no gradients), the optimizer and fp16's loss scaler."""
+    """The student (a new linear classifier on h) wrapped for DDP, the teacher (eval mode, no
+    gradients), the optimizer and fp16's loss scaler."""
     args, ctx = job.args, job.ctx
     encoder = student_encoder(args, teacher)
-    linear = nn.Linear(encoder.feature_dim, teacher.classes)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    student = Classifier(encoder, linear).to(ctx.device)
+    # PyTorch's default init, not zeros: LARS scales the classifier's steps by its norm (as the colab's
+    # Keras layer starts from its default init; the fine-tuning code zero-initialises but excludes it)
+    student = Classifier(encoder, nn.Linear(encoder.feature_dim, teacher.classes)).to(ctx.device)
     teacher = teacher.to(ctx.device).eval().requires_grad_(False)  # fixed: BN uses its running statistics
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
@@ -261,8 +260,9 @@ def build_models(job, teacher):
         model = DDP(model, device_ids=[ctx.device] if ctx.cuda else None)
     scaler = grad_scaler(args.amp, ctx.device)  # fp16 only
     fused = args.optimizer == "sgd" and scaler is not None and fused_sgd_available(ctx.device)
-    optimizer = fine_tuning_optimizer(args.optimizer, encoder.parameters(), linear.parameters(), job.peak_lr,
-                                      args.momentum, args.weight_decay, args.eta, fused=fused)
+    # the official distillation colab's LARS: the classifier's weight adapted too (only BN and biases excluded)
+    optimizer = fine_tuning_optimizer(args.optimizer, student.parameters(), [], job.peak_lr, args.momentum,
+                                      args.weight_decay, args.eta, fused=fused)
     return student, model, teacher, optimizer, scaler
 
 

@@ -173,9 +173,9 @@ def fine_tuning_optimizer(name, params, classifier_params, lr, momentum=0.9, wei
     Nesterov momentum and weight decay on every parameter (the v1 paper's fine-tuning); fused=True
     takes the fused kernel (see fused_sgd_available)."""
     network, classifier = [p for p in params if p.requires_grad], list(classifier_params)
-    if name == "lars":
-        return LARS([{"params": network}, {"params": classifier, "trust_ratio": False}], lr=lr, momentum=momentum,
-                    weight_decay=weight_decay, eta=eta)
+    if name == "lars":  # (no classifier_params: every tensor of 2 and more dimensions adapted, as the colab's)
+        groups = [{"params": network}] + ([{"params": classifier, "trust_ratio": False}] if classifier else [])
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
     if name == "sgd":
         return torch.optim.SGD(network + classifier, lr=lr, momentum=momentum, nesterov=True,
                                weight_decay=weight_decay, **({"fused": True} if fused else {}))

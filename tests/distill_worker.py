@@ -39,8 +39,7 @@ def make_models():
 
 
 def make_optimizer(student):
-    return fine_tuning_optimizer("lars", student.encoder.parameters(), student.linear.parameters(), lr=0.5,
-                                 weight_decay=1e-4)
+    return fine_tuning_optimizer("lars", student.parameters(), [], lr=0.5, weight_decay=1e-4)  # as distill.py's
 
 
 def batches():
