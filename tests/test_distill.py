@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest

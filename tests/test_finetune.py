@@ -15,7 +15,7 @@ import torch.nn as nn
 import finetune
 import linear_eval
 from lars import LARS
-from model import (Classifier, ProjectionHead, build_encoder, conv_weight_scale, load_classifier, rescale_convs,
+from model import (ProjectionHead, build_encoder, conv_weight_scale, load_classifier, rescale_convs,
                    save_encoder)
 
 SIZE, IMAGES = 16, 64
