@@ -238,7 +238,7 @@ def step_setup(arch, image_size, device, activation_checkpointing=False, lr=0.1)
         torch.backends.cudnn.benchmark = True
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=lr)
     settings = argparse.Namespace(distort_on="device", strength=1.0, blur=True, channels_last=cuda)
-    ctx = Context(ddp=False, rank=0, world=1, local_rank=device.index or 0, device=device)
+    ctx = Context(ddp=False, rank=0, world=1, local_rank=0, device=device)  # one process: the step's code reads device
     return model, optimizer, settings, ctx, torch.tensor([-1.0, 0.0], device=device)
 
 
@@ -618,7 +618,8 @@ def main():
         try:
             results[name] = sections[name](args)
         except Exception as e:  # the other sections' numbers still count: report this one and go on
-            traceback.print_exc()
+            if not isinstance(e, data.DataError):  # bad input (too little /dev/shm): its one line says it all
+                traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
             print(f"\n[{name}] failed: {results[name]['error']}")
             failed.append(name)

@@ -493,24 +493,52 @@ def default_workers():
 
 
 SHM = "/dev/shm"
+PREFETCH_FACTOR = 2  # batches each data worker prepares ahead (DataLoader's default, set by make_loader)
 
 
-def check_shared_memory(workers, batch_bytes, path=SHM):
+def batch_bytes(dataset, batch_size, collate_fn=None):
+    """Bytes of one batch of `dataset` (a SeededTransform) as a data worker hands it over: one
+    sample, made and collated as the loader does it, times batch_size (every tensor of it: the
+    images as the transform makes them, uint8 crops or float views, the labels and flags)."""
+    one = (collate_fn or collate)([dataset[(0, 0)]])
+    return batch_size * sum(t.numel() * t.element_size() for t in _tensors(one))
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    return []
+
+
+def check_shared_memory(workers, batch_bytes, path=SHM, pinned=False):
     """Stop with one line when the shared memory that data workers hand batches through is
-    too small: each worker keeps up to 2 batches (DataLoader's prefetch_factor) in
-    `path` (/dev/shm on Linux), for every process of this node. A default Docker container
-    has 64 MB there, and workers that outgrow it die with a bus error mid-epoch."""
+    too small, for every process of this node (LOCAL_WORLD_SIZE). A default Docker container
+    has 64 MB in /dev/shm, and workers that outgrow it die with a bus error mid-epoch.
+
+    A worker collates each batch into shared memory. DataLoader keeps PREFETCH_FACTOR batches
+    per worker under way (torch/utils/data/dataloader.py, _MultiProcessingDataLoaderIter: it
+    sends workers x prefetch_factor indices, and one more for each batch it returns). A pinned
+    batch (pin_memory, on CUDA) leaves shared memory when the pin thread copies it; otherwise
+    the training loop holds up to two more there: the batch it works on, still referenced while
+    the loader returns the next one."""
     if workers == 0 or not os.path.isdir(path):
         return  # workers=0 hands batches over in-process; no /dev/shm off Linux
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need = processes * workers * 2 * batch_bytes
+    held = 0 if pinned else 2
+    batches = workers * PREFETCH_FACTOR + held
+    need = processes * batches * batch_bytes
     if free < need:
-        fits = free // (processes * 2 * batch_bytes)
-        raise DataError(f"{path} has {free / 2**20:.0f} MiB free, but {processes} process(es) x {workers} data workers "
-                        f"x 2 batches of {batch_bytes / 2**20:.0f} MiB need about {need / 2**20:.0f} MiB: the workers "
-                        f"would die with a bus error. Give the container more (docker run --shm-size="
+        fits = max(0, (free // (processes * batch_bytes) - held) // PREFETCH_FACTOR)
+        raise DataError(f"{path} has {free / 2**20:.0f} MiB free, but {processes} process(es) x ({workers} data workers "
+                        f"x {PREFETCH_FACTOR}{f' + {held} in use' if held else ''}) batches of "
+                        f"{batch_bytes / 2**20:.1f} MiB need about {need / 2**20:.0f} MiB: the workers would die with "
+                        f"a bus error. Give the container more (docker run --shm-size="
                         f"{max(1, -(-need * 2 // 2**30))}g, or --ipc=host), or use --workers {fits} or fewer")
 
 
@@ -545,9 +573,12 @@ def make_loader(dataset, batch_size, train, workers, rank=0, world=1, seed=0, pi
     epoch) and the last incomplete batch dropped, so every rank runs the same
     number of equal steps. Otherwise in order and nothing dropped; with several
     ranks DistributedSampler pads the last batch by repeating a few samples.
-    Image batches are uint8 channels_last (collate).
+    Image batches are uint8 channels_last (collate). With workers, first checks that /dev/shm
+    holds the batches they hand over (check_shared_memory; one sample made to measure them).
     """
+    if workers > 0 and len(dataset):
+        check_shared_memory(workers, batch_bytes(dataset, batch_size), path=SHM, pinned=pin_memory)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochTagged(sampler), num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0,
-                      worker_init_fn=_worker_init)
+                      worker_init_fn=_worker_init, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None)

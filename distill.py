@@ -43,7 +43,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Dataset
 
 import data
@@ -51,7 +50,7 @@ import resume
 from augment import EvalTransform
 from board import Board
 from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail, grad_scaler, rank0_first,
-                         resolve_amp, run, setup, write_results)
+                         resolve_amp, run, setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
 from lars import fine_tuning_optimizer, fused_sgd_available, scaled_step, warmup_cosine
 from loss import distillation_loss
@@ -253,11 +252,7 @@ def build_models(job, teacher):
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
-    model = student
-    if ctx.ddp:
-        if ctx.cuda:  # global BN, as in pretraining and fine-tuning
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DDP(model, device_ids=[ctx.device] if ctx.cuda else None)
+    model = wrap_ddp(student, ctx)  # torchrun: global BN over several GPUs, DDP on ctx.device; `student` stays live
     scaler = grad_scaler(args.amp, ctx.device)  # fp16 only
     fused = args.optimizer == "sgd" and scaler is not None and fused_sgd_available(ctx.device)
     # the official distillation colab's LARS: the classifier's weight adapted too (only BN and biases excluded)
@@ -287,7 +282,6 @@ def build_data(args, ctx, classes):
         fail(f"the dataset has {len(train_raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     per_rank = args.batch_size // ctx.world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
-    data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2)  # uint8 crops per batch
     return SimpleNamespace(args=args, ctx=ctx, train_raw=train_raw, test_raw=test_raw, labels=labels,
                            labelled=int((labels >= 0).sum()), per_rank=per_rank, peak_lr=peak_lr, phases={})
 

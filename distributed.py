@@ -21,10 +21,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
 class Context:
+    """What setup() decided for this process. `device` is the one device it uses: every DDP
+    wrapper, .to() and torch.cuda call takes it (or its index). `local_rank` is the launcher's
+    LOCAL_RANK, a position among the node's processes and no GPU index: a process that sees one
+    GPU (srun --gpus-per-task=1) uses cuda:0 whatever its LOCAL_RANK."""
     ddp: bool
     rank: int
     world: int
@@ -74,6 +79,25 @@ def setup(global_batch=None, timeout_minutes=10):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return Context(ddp, dist.get_rank() if ddp else 0, world, local_rank, device)
+
+
+def wrap_ddp(model, ctx, sync_bn=True):
+    """model, already on ctx.device, wrapped for training under torchrun: with several CUDA
+    processes its BatchNorm layers become SyncBatchNorm (sync_bn: statistics over every process's
+    batch), and DDP averages the gradients on this process's GPU, ctx.device. Without torchrun,
+    the model itself.
+
+    DDP takes ctx.device, never LOCAL_RANK: where each process sees only its own GPU, LOCAL_RANK
+    3 uses cuda:0, and DDP given [3] accepts it, then fails at the first forward (it copies the
+    inputs to cuda:3 on a side stream: torch/nn/parallel/_functions.py _get_stream indexes a list
+    of device_count() streams, IndexError). One process gets no SyncBatchNorm: there it would
+    fall back to plain BatchNorm anyway (SyncBatchNorm.forward, world size 1), and torch.compile
+    compiles BatchNorm (pretrain.py --compile)."""
+    if not ctx.ddp:
+        return model
+    if sync_bn and ctx.cuda and ctx.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the submodules are converted in place
+    return DDP(model, device_ids=[ctx.device] if ctx.cuda else None)
 
 
 PREPARE_TIMEOUT = datetime.timedelta(hours=24)  # rank0_first: how long the others wait for rank 0's preparation
@@ -129,7 +153,9 @@ def resolve_amp(choice, device, train=True):
         if choice == "auto":
             choice = "bf16" if native_bf16 else "fp16"
         if choice == "bf16" and not native_bf16:
-            if not torch.cuda.is_bf16_supported():
+            with torch.cuda.device(device):  # is_bf16_supported() asks about the current GPU
+                emulated = torch.cuda.is_bf16_supported()
+            if not emulated:
                 fail(f"--amp bf16: the {gpu} has no bf16 and torch {torch.__version__} does not emulate it; "
                      "use --amp fp16 (or auto)")
             return "bf16", f"amp: bf16 as asked ({gpu}, no bf16 units: emulated, slow; --amp fp16 is fast here)"

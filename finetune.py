@@ -56,7 +56,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Subset
 
 import data
@@ -64,7 +63,7 @@ import resume
 from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail, grad_scaler, rank0_first,
-                         resolve_amp, run, setup, write_results)
+                         resolve_amp, run, setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
 from lars import fine_tuning_optimizer, fused_sgd_available, scaled_step, warmup_cosine
 from model import (CheckpointError, Classifier, ProjectionHead, build_encoder, conv_weight_scale, load_encoder,
@@ -294,7 +293,6 @@ def build_data(args, ctx):
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank = args.batch_size // ctx.world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
-    data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2)  # uint8 crops per batch
     if note and ctx.master:
         print(f"{note}, peak lr {peak_lr:.4g}", flush=True)
     stem = args.out[:-len(".json")] if args.out.endswith(".json") else args.out
@@ -317,11 +315,7 @@ def build_model(job, encoder, proj):
     net = Classifier(encoder, linear, proj if k else None, k).to(ctx.device)
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
-    model = net
-    if ctx.ddp:
-        if ctx.cuda:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DDP(model, device_ids=[ctx.device] if ctx.cuda else None)
+    model = wrap_ddp(net, ctx)  # torchrun: SyncBatchNorm over several GPUs, DDP on ctx.device; `net` stays live
     scaler = grad_scaler(args.amp, ctx.device)  # fp16 only
     fused = args.optimizer == "sgd" and scaler is not None and fused_sgd_available(ctx.device)
     optimizer = fine_tuning_optimizer(args.optimizer, [p for n, p in net.named_parameters() if not n.startswith("linear.")],

@@ -45,13 +45,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first, resolve_amp, run, setup,
-                         write_results)
+                         wrap_ddp, write_results)
 from features import Progress, extract_features, feature_batches, knn_accuracy, to_device, topk_accuracy
 from lars import warmup_cosine
 from model import CheckpointError, build_encoder, load_classifier, load_encoder, pretrain_settings
@@ -232,7 +231,6 @@ def build_data(args, ctx, encoder, settings):
     # a small dataset: the whole training set is the batch
     args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
-    data.check_shared_memory(args.workers, per_rank * 3 * args.image_size ** 2 * 4)  # float32 images per batch
     if ctx.master:
         if note:
             print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
@@ -292,7 +290,7 @@ def train_classifier(job, board, cached=None):
         loader = feature_loader(job, job.train_raw, EvalTransform(args.image_size, train=True), train=True,
                                 strict=args.strict_data)
         steps_per_epoch, epoch_images = len(loader), len(loader) * args.batch_size
-        model = DDP(classifier, device_ids=[ctx.local_rank] if ctx.cuda else None) if ctx.ddp else classifier
+        model = wrap_ddp(classifier, ctx, sync_bn=False)  # torchrun: DDP on ctx.device (no BN to sync)
     optimizer = torch.optim.SGD(model.parameters(), lr=job.peak_lr, momentum=args.momentum, nesterov=True,
                                 weight_decay=args.weight_decay)
     total_steps = args.epochs * steps_per_epoch

@@ -136,8 +136,19 @@ class ResNetDPool(nn.Module):
 
     def forward(self, x):
         if self.stride == 1:
-            return F.avg_pool2d(F.pad(x, (0, 1, 0, 1), mode="replicate"), 2, stride=1)
+            return F.avg_pool2d(replicate_last_row_and_column(x), 2, stride=1)
         return F.avg_pool2d(F.pad(x, (0, 1, 0, 1)), 2, stride=self.stride)
+
+
+def replicate_last_row_and_column(x):
+    """x (B, C, H, W) -> (B, C, H + 1, W + 1), its last row and column repeated: what
+    F.pad(x, (0, 1, 0, 1), mode="replicate") gives, element for element, built by concatenation.
+    torch 2.1 has no bf16 CUDA kernel for replicate padding ("replication_pad2d_cuda" not
+    implemented for 'BFloat16', pytorch/pytorch#117961; added by #112099 in October 2023, after
+    the 2.1 branch), and SK encoders run this pool under bf16 autocast; torch.cat copies every
+    dtype on every device and torch version."""
+    x = torch.cat([x, x[:, :, -1:]], dim=2)
+    return torch.cat([x, x[:, :, :, -1:]], dim=3)
 
 
 def _shortcut(cin, cout, stride, projection=False, resnet_d=False):

@@ -41,13 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
 from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
-                         rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup)
+                         rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup, wrap_ddp)
 from features import extract_features, knn_accuracy
 from lars import LARS, gradients_finite, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
@@ -154,8 +153,8 @@ def get_args(argv=None):
                         "batch that does not fit otherwise, e.g. --batch-size 4096 on 8 GPUs of 40 GB")
     r.add_argument("--log-every", type=int, default=50,
                    help="steps between log lines; also how often the loss is checked for NaN and stop signals are "
-                        "acted on (the only steps that wait for the GPU in one process; under DDP on CUDA SyncBatchNorm waits "
-                        "once per BN layer)")
+                        "acted on (the only steps that wait for the GPU in one process; with several CUDA processes "
+                        "SyncBatchNorm waits once per BN layer)")
     r.add_argument("--knn-every", type=int, default=None,
                    help="kNN accuracy of the encoder every K epochs and at the end (needs labels); "
                         "default: 10, 0 (off) for imagefolder, and for folder without --knn-data")
@@ -236,8 +235,9 @@ def check_compile(args, ctx):
     SyncBatchNorm's autograd function (torch/nn/modules/_functions.py) all-gathers the statistics
     and drops ranks with empty inputs by a boolean mask, a tensor of data-dependent shape:
     dynamo breaks the graph at every such layer or fails (pytorch/pytorch#100239, #107372,
-    #161302). One process (plain BatchNorm) and CPU processes (no SyncBatchNorm) compile."""
-    if args.compile and ctx.ddp and ctx.cuda:
+    #161302). One process, also one started by torchrun (plain BatchNorm: distributed.wrap_ddp
+    converts none there), and CPU processes (no SyncBatchNorm) compile."""
+    if args.compile and ctx.cuda and ctx.world > 1:
         fail("--compile with several CUDA processes (DDP + SyncBatchNorm) is not supported: torch.compile cannot "
              "compile SyncBatchNorm; drop --compile, or use --compile with one process")
 
@@ -331,9 +331,7 @@ def main():
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
     ckpt_path = prepare_out(args, master)
     board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, master)  # rank 0 writes
-    loader, views, knn = build_data(args, ctx, per_rank)
-    view_bytes = 3 * args.image_size ** 2 * (1 if args.distort_on == "device" else 4)  # uint8 crops or float views
-    data.check_shared_memory(args.workers, 2 * per_rank * view_bytes)  # each rank: its node's /dev/shm
+    loader, views, knn = build_data(args, ctx, per_rank)  # make_loader checks /dev/shm for their batches
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
@@ -354,10 +352,8 @@ def main():
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if ctx.ddp:
-        if ctx.cuda:  # global BN: statistics over all processes' views (paper Sec. 2.1)
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # `encoder` stays the live module
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.cuda else None)
+    # torchrun: DDP on ctx.device; global BN over several CUDA processes' views (paper Sec. 2.1).
+    model = wrap_ddp(model, ctx)  # `encoder` stays the live module (converted in place)
     if args.compile:
         model = torch.compile(model)
     if master:

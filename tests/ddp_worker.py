@@ -2,10 +2,15 @@
 the averaged parameter gradients for tests/test_distributed.py to compare with
 one process on the same global batch.
 
-    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT.pt [--broken-gather]
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py OUT.pt [--broken-gather] [--cuda]
 
 --broken-gather swaps in the gather of several popular ports (all_gather with
 no gradient, the local slice put back): the test must catch it.
+
+--cuda (tests/test_cuda.py): every process on cuda:0, the model wrapped as the scripts wrap it
+(distributed.wrap_ddp: SyncBatchNorm, DDP on the device), TF32 off; rank 0 also saves the BN
+running statistics. The collectives go through gloo on CUDA tensors: NCCL refuses two ranks on
+one GPU ("Duplicate GPU detected", ncclInvalidUsage), and one GPU is what a test machine has.
 """
 import os
 import sys
@@ -17,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import loss  # noqa: E402
 from model import ProjectionHead, SimCLR, build_encoder  # noqa: E402
-from distributed import teardown  # noqa: E402
+from distributed import Context, teardown, wrap_ddp  # noqa: E402
 
 GLOBAL_BATCH, SIZE, TEMPERATURE = 8, 16, 0.2
 
@@ -55,7 +60,16 @@ def main():
     n = GLOBAL_BATCH // world
     x1, x2 = make_batch()
     x1, x2 = x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n]
-    model = DDP(make_model())
+    if "--cuda" in sys.argv:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 to compare
+        ctx = Context(ddp=True, rank=rank, world=world, local_rank=int(os.environ["LOCAL_RANK"]), device=device)
+        model = wrap_ddp(make_model().to(device), ctx)
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        x1, x2 = x1.to(device), x2.to(device)
+    else:
+        model = DDP(make_model())
     _, z = model(torch.cat([x1, x2]))
     z1, z2 = z.chunk(2)
     value = loss.nt_xent(z1, z2, TEMPERATURE)
@@ -64,8 +78,9 @@ def main():
     dist.all_reduce(mean_loss)
     mean_loss /= world
     if rank == 0:
-        grads = {k: p.grad for k, p in model.module.named_parameters() if p.grad is not None}
-        torch.save({"loss": mean_loss, "grads": grads, "world": world}, out)
+        grads = {k: p.grad.cpu() for k, p in model.module.named_parameters() if p.grad is not None}
+        stats = {k: v.cpu() for k, v in model.module.state_dict().items() if "running_" in k or "num_batches" in k}
+        torch.save({"loss": mean_loss.cpu(), "grads": grads, "bn_stats": stats, "world": world}, out)
     teardown(0)  # as the scripts end: gloo's destructor can abort or hang at interpreter exit
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from augment import EvalTransform
 from conftest import run_script
 from loss import distillation_loss
 from model import Classifier, ProjectionHead, build_encoder, load_classifier, save_classifier, save_encoder
+from test_devices import Built, _index, fake_gpus  # noqa: F401  (fake_gpus: the patched CUDA runtime, a fixture)
 
 SIZE, IMAGES = 16, 64
 FAST = ["--workers", "0", "--batch-size", "16", "--lr", "0.2", "--progress-every", "0"]
@@ -268,3 +270,20 @@ def test_big_to_small_and_from_an_encoder(teacher_file, tmp_path, in_process):
                                                                              enc.state_dict().values()))
     assert math.isclose(sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in teacher.encoder.parameters()),
                         0.5, rel_tol=0.3)  # resnet34 at width 0.125: about half of resnet18 at 0.25
+
+
+@pytest.mark.parametrize("visible,gpu", [(1, 0), (8, 3)])
+def test_ddp_and_the_teacher_get_the_gpu_the_process_uses(fake_gpus, teacher_file, tmp_path, monkeypatch, visible, gpu):
+    """Rank 3 of 4, LOCAL_RANK 3, on a patched CUDA runtime (tests/test_devices.py): one visible GPU
+    (srun --gpus-per-task=1) is cuda:0, eight are cuda:3; the student is converted to SyncBatchNorm
+    and wrapped by DDP there, the teacher moved there, neither converted nor wrapped."""
+    rec = fake_gpus(visible, local_rank=3, rank=3, world=4)
+    monkeypatch.setattr(sys, "argv", ["distill.py", str(teacher_file), *FAST, "--out", str(tmp_path / "run")])
+    with pytest.raises(Built):
+        distill.main()
+    want = torch.device("cuda", gpu)
+    assert rec.to and set(rec.to) == {want}, rec.to  # student and teacher
+    (ddp,) = rec.ddp
+    assert [_index(d) for d in ddp["device_ids"]] == [gpu]
+    assert isinstance(ddp["module"], Classifier) and [c["module"] for c in rec.sync_bn] == [ddp["module"]]
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in ddp["module"].modules())

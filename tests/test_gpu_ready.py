@@ -5,6 +5,7 @@ each sees one (SLURM --gpus-per-task=1), TF32 only where it is only speed, the G
 features may use, cuDNN/cuBLAS allocation failures as out of memory, /dev/shm too small for
 the data workers, the CPUs a process may use, and rank 0's slow preparation outliving the
 collective timeout."""
+import contextlib
 import json
 import os
 import types
@@ -25,6 +26,7 @@ from model import ProjectionHead, SimCLR, build_encoder
 
 
 def fake_gpu(monkeypatch, name, capability, bf16_emulated=True):
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # (one GPU: always current)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: capability[0] >= 8 or bf16_emulated)
@@ -192,10 +194,11 @@ def test_setup_on_a_gpu_keeps_matmuls_float32(monkeypatch):
 
 def test_compile_is_refused_for_several_gpu_processes(capsys):
     args = types.SimpleNamespace(compile=True)
-    pretrain.check_compile(args, types.SimpleNamespace(ddp=False, cuda=True))  # one GPU process: fine
-    pretrain.check_compile(args, types.SimpleNamespace(ddp=True, cuda=False))  # CPU processes: fine
+    pretrain.check_compile(args, types.SimpleNamespace(ddp=False, world=1, cuda=True))  # one GPU process: fine
+    pretrain.check_compile(args, types.SimpleNamespace(ddp=True, world=1, cuda=True))  # torchrun --nproc_per_node=1
+    pretrain.check_compile(args, types.SimpleNamespace(ddp=True, world=2, cuda=False))  # CPU processes: fine
     with pytest.raises(SystemExit):
-        pretrain.check_compile(args, types.SimpleNamespace(ddp=True, cuda=True))
+        pretrain.check_compile(args, types.SimpleNamespace(ddp=True, world=2, cuda=True))
     assert "drop --compile, or use --compile with one process" in capsys.readouterr().err
 
 
@@ -221,8 +224,14 @@ def test_too_little_shared_memory_is_one_line(monkeypatch, tmp_path):
     text = str(e.value)
     assert "64 MiB free" in text and "--shm-size=" in text and "--workers 0" in text and "\n" not in text
     data.check_shared_memory(0, batch, path=str(tmp_path))  # no workers: no shared memory
-    free["bytes"] = 8 * 8 * 2 * batch
+    # 8 processes x (8 workers x 2 prefetched + the 2 the training loop may hold, unless pinned away)
+    free["bytes"] = 8 * (8 * 2 + 2) * batch
     data.check_shared_memory(8, batch, path=str(tmp_path))
+    free["bytes"] -= 1
+    with pytest.raises(data.DataError):
+        data.check_shared_memory(8, batch, path=str(tmp_path))
+    free["bytes"] = 8 * 8 * 2 * batch
+    data.check_shared_memory(8, batch, path=str(tmp_path), pinned=True)
     data.check_shared_memory(8, batch, path=str(tmp_path / "absent"))  # no /dev/shm: nothing to check
 
 

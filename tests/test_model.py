@@ -270,6 +270,42 @@ def test_resnet_d_shortcut_pools_as_tensorflow(size):
     torch.testing.assert_close(ResNetDPool(2)(x), ref2, rtol=1e-6, atol=1e-6)
 
 
+def test_resnet_d_pool_runs_in_bf16_where_replicate_padding_has_no_bf16_kernel(monkeypatch):
+    """torch 2.1 has no bf16 CUDA kernel for replicate padding (pytorch/pytorch#117961), and SK
+    encoders run their stride-1 ResNet-D pool (layer1's first shortcut) under bf16 autocast. With
+    F.pad refusing bf16 replicate padding as torch 2.1 on CUDA does, an SK encoder still runs under
+    CPU bf16 autocast, its pool seeing bf16; and the pool equals the replicate-padded one element
+    for element, in float32 and bf16, plain and channels_last."""
+    import torch.nn.functional as F
+    from model import ResNetDPool
+    pad = F.pad
+
+    def pad_as_torch_21_cuda(x, padding, mode="constant", value=None):
+        if mode == "replicate" and x.dtype == torch.bfloat16:
+            raise RuntimeError("\"replication_pad2d_cuda\" not implemented for 'BFloat16'")
+        return pad(x, padding, mode=mode, value=value)
+
+    monkeypatch.setattr(F, "pad", pad_as_torch_21_cuda)
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet50", width=0.125, sk_ratio=0.0625).eval()
+    seen = []
+    for m in encoder.modules():
+        if isinstance(m, ResNetDPool) and m.stride == 1:
+            m.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = encoder(x)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]  # layer1's first shortcut, in bf16
+    assert h.shape == (2, encoder.feature_dim) and torch.isfinite(h).all()
+    with torch.no_grad():
+        torch.testing.assert_close(h.float(), encoder(x), rtol=0.1, atol=0.05)  # bf16's rounding, not a bug
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            y = torch.randn(2, 8, 7, 5).to(dtype).contiguous(memory_format=layout)
+            padded = pad(y, (0, 1, 0, 1), mode="replicate")  # the CPU has this kernel in both dtypes
+            assert torch.equal(ResNetDPool(1)(y), F.avg_pool2d(padded, 2, stride=1)), (dtype, layout)
+
+
 def test_official_resnet18_shortcuts():
     enc = build_encoder("resnet18", first_group_projection=True)
     assert enc.config["first_group_projection"] is True

@@ -234,6 +234,10 @@ def train_lightly(seed, split, args):
     criterion = NTXentLoss()
     transform = SimCLRTransform(input_size=args.image_size, gaussian_blur=0.0)
     dataset = ImageFolder(os.path.join(split, "train"), transform=transform)
+    # /dev/shm must hold what the workers hand over, as data.make_loader checks for ours: two float views
+    # and an int64 label per image
+    image_bytes = sum(v.numel() * v.element_size() for v in dataset[0][0])
+    data.check_shared_memory(args.workers, args.batch_size * (image_bytes + 8))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers)
     params = list(backbone.parameters()) + list(head.parameters())

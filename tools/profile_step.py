@@ -143,7 +143,10 @@ def main():
     blobs = make_jpegs(max(64, 2 * args.batch_size), seed=1)
     steps = 3 + args.steps
     dataset = data.SeededTransform(Jpegs(blobs * (args.batch_size * steps // len(blobs) + 1)), views.crops)
-    batches = iter(data.make_loader(dataset, args.batch_size, train=True, workers=args.workers, pin_memory=cuda))
+    try:  # make_loader checks that /dev/shm holds what the workers hand over
+        batches = iter(data.make_loader(dataset, args.batch_size, train=True, workers=args.workers, pin_memory=cuda))
+    except data.DataError as e:
+        sys.exit(f"profile_step.py: error: {e}")
     to_device_views = label_the_parts(model, optimizer)
 
     def step(i):
