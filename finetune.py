@@ -27,8 +27,8 @@ Two recipes (--recipe; the start line says which and why):
 Momentum SGD and weight scale: SimCLRv1's released ResNet-50 kernels are on average 16.8x
 SimCLRv2's (official README, Known issues), and SGD's step on a kernel that BN follows turns it by
 about lr / |w|^2, so the v1 protocol runs about 280x hotter on v2 weights. LARS does not care.
-Under --optimizer sgd the start line gives the checkpoint's measured kernel scale, and a checkpoint
-with a v2 head gets a warning; --conv-scale F multiplies every such kernel (and its BN's running
+Under --optimizer sgd the start line gives the checkpoint's measured kernel scale, and an official
+SimCLRv2 checkpoint (convert_official.py's, three-layer head) gets a warning; --conv-scale F multiplies every such kernel (and its BN's running
 statistics) by F, the same function at another scale (the README's remedy: 16.8 brings v2 to v1).
 
 --from-head-layer K (the official ft_proj_selector) keeps the first K layers of the checkpoint's
@@ -178,9 +178,9 @@ def kept_head(args, proj):
     return ProjectionHead(**proj.config) if args.random_init else proj
 
 
-def apply_conv_scale(args, encoder, proj):
+def apply_conv_scale(args, encoder, proj, settings):
     """--conv-scale on the encoder -> what it did, and under SGD the measured kernel scale (with a
-    warning on v2 weights), for the start lines (None: nothing to say)."""
+    warning for an official SimCLRv2 checkpoint), for the start lines (None: nothing to say)."""
     if args.conv_scale != 1:
         before = conv_weight_scale(encoder)
         rescale_convs(encoder, args.conv_scale)
@@ -190,8 +190,10 @@ def apply_conv_scale(args, encoder, proj):
     if args.optimizer != "sgd":
         return None if args.conv_scale == 1 else text + "; LARS does not depend on it"
     text = f"SGD on weights of this scale: {text}"
-    if proj is not None and proj.config["num_layers"] >= 3 and args.conv_scale == 1 and not args.random_init:
-        text = (f"warning: {text}. This is a SimCLRv2 checkpoint (three-layer head), whose kernels the official README "
+    official_v2 = (proj is not None and proj.config["num_layers"] >= 3
+                   and str(settings.get("source", "")).startswith("google-research/simclr"))  # convert_official.py's
+    if official_v2 and args.conv_scale == 1 and not args.random_init:
+        text = (f"warning: {text}. This is an official SimCLRv2 checkpoint, whose kernels the official README "
                 f"measures {V1_V2_SCALE}x smaller than SimCLRv1's, for which the v1 protocol's lr was tuned; SGD's "
                 f"step on a BN-normalised kernel grows as 1/|w|^2, so here it is ~{V1_V2_SCALE ** 2:.0f}x hotter. Use "
                 f"the v2 recipe (--optimizer lars), or --conv-scale {V1_V2_SCALE} (same function, v1 scale)")
@@ -214,7 +216,7 @@ def main():
     torch.manual_seed(args.seed)
     if args.random_init:
         encoder = build_encoder(**encoder.config)
-    scale_text = apply_conv_scale(args, encoder, proj)
+    scale_text = apply_conv_scale(args, encoder, proj, settings)
     net, model, optimizer, scaler = build_model(job, encoder, proj)
     train_loader, test_loader = make_loaders(job)
     steps_per_epoch = job.steps_per_epoch = len(train_loader)

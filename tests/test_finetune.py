@@ -137,23 +137,28 @@ def test_lars_does_not_care_about_the_weight_scale_and_sgd_does():
         assert (steps[0] / steps[1]).item() == pytest.approx(ratio, rel=1e-4)
 
 
-def test_momentum_sgd_on_v2_weights_warns_with_the_measured_scale(ckpts):
+def test_momentum_sgd_on_official_v2_weights_warns_with_the_measured_scale(ckpts, tmp_path):
     encoder, ckpt = finetune.load_encoder(ckpts["v2"])
     head = finetune.load_head(ckpts["v2"], ckpt)
+    save_encoder(tmp_path / "official.pt", encoder, head=head, source="google-research/simclr TF1 checkpoint")
+    official = finetune.pretrain_settings(torch.load(tmp_path / "official.pt", weights_only=True))
     measured = conv_weight_scale(encoder)
-    args = finetune.get_args([str(ckpts["v2"]), "--optimizer", "sgd"])
-    text = finetune.apply_conv_scale(args, encoder, head)
+    args = finetune.get_args([str(tmp_path / "official.pt"), "--optimizer", "sgd"])
+    text = finetune.apply_conv_scale(args, encoder, head, official)
     assert text.startswith("warning: SGD on weights of this scale") and f"{measured:.3g}x He init" in text
-    assert "--optimizer lars" in text and "--conv-scale 16.8" in text
-    args = finetune.get_args([str(ckpts["v2"]), "--optimizer", "sgd", "--conv-scale", "16.8"])
-    text = finetune.apply_conv_scale(args, encoder, head)
+    assert "official SimCLRv2 checkpoint" in text and "--optimizer lars" in text and "--conv-scale 16.8" in text
+    args = finetune.get_args([str(tmp_path / "official.pt"), "--optimizer", "sgd", "--conv-scale", "16.8"])
+    text = finetune.apply_conv_scale(args, encoder, head, official)
     assert not text.startswith("warning") and f"now {16.8 * measured:.3g}x" in text
     assert conv_weight_scale(encoder) == pytest.approx(16.8 * measured)
-    v1_encoder, v1_ckpt = finetune.load_encoder(ckpts["v1"])  # a v1 checkpoint: the scale, no warning
-    text = finetune.apply_conv_scale(finetune.get_args([str(ckpts["v1"]), "--optimizer", "sgd"]), v1_encoder,
-                                     finetune.load_head(ckpts["v1"], v1_ckpt))
-    assert text.startswith("SGD on weights of this scale: conv kernels at")
-    assert finetune.apply_conv_scale(finetune.get_args([str(ckpts["v2"]), "--optimizer", "lars"]), encoder, head) is None
+    for name in ("v2", "v1"):  # this project's own checkpoints (any head): the measured scale, no warning
+        own, own_ckpt = finetune.load_encoder(ckpts[name])
+        text = finetune.apply_conv_scale(finetune.get_args([str(ckpts[name]), "--optimizer", "sgd"]), own,
+                                         finetune.load_head(ckpts[name], own_ckpt), finetune.pretrain_settings(own_ckpt))
+        assert text == f"SGD on weights of this scale: conv kernels at {conv_weight_scale(own):.3g}x He init on " \
+                       "average (model.conv_weight_scale)"
+    assert finetune.apply_conv_scale(finetune.get_args([str(ckpts["v2"]), "--optimizer", "lars"]), encoder, head,
+                                     official) is None
 
 
 def test_saved_network_reproduces_the_printed_accuracy(ckpts, tmp_path, in_process, capsys):
