@@ -19,6 +19,9 @@ the same networks trained from random weights on the same labels.
    student of the teacher's architecture (self-distillation) from random weights and from the
    pretrained encoder, and one of --small-width from random weights; beside that smaller network
    trained from random weights on the labels alone (finetune.py --random-init, both recipes).
+5. Both networks trained from random weights on the labels alone with a from-scratch recipe (SUPERVISED:
+   SGD, CIFAR's lr and weight decay, 100 / 200 epochs), the fine-tuning recipes' lr being far too low
+   for random weights.
 
 Every command, its wall time and its test top-1 go to WORK/results.json and the table printed at the
 end; runs that finished are reused (their results file is there), so the command can be repeated.
@@ -57,7 +60,11 @@ def get_args(argv=None):
     return args
 
 
-FRACTIONS = (("10pct", 0.1, 64), ("1pct", 0.01, 16))  # name, label fraction, fine-tuning batch
+FRACTIONS = (("10pct", 0.1, 64, 100), ("1pct", 0.01, 16, 200))  # name, label fraction, batch, supervised epochs
+# Training from random weights on the labels alone, with a from-scratch recipe rather than a fine-tuning
+# one: SGD with Nesterov momentum, CIFAR's lr (0.1 at batch 128, i.e. 0.2 x batch/256) and weight decay
+# 5e-4, cosine, about 600-900 steps (not tuned here)
+SUPERVISED = ["--recipe", "v1", "--lr", 0.2, "--weight-decay", 5e-4]
 
 
 def run(name, argv, args, results, result_file):
@@ -104,7 +111,7 @@ def main():
         from model import build_encoder, save_encoder
         save_encoder(small, build_encoder("resnet18", args.small_width, cifar_stem=True), dataset="imagefolder",
                      data_dir=split, image_size=28)
-    for tag, fraction, batch in FRACTIONS:
+    for tag, fraction, batch, supervised_epochs in FRACTIONS:
         ft = ["--label-fraction", fraction, "--batch-size", batch, "--progress-every", 300, *common]
         for recipe in ("v2", "v1"):
             for init in ("pretrained", "random"):
@@ -117,6 +124,11 @@ def main():
             out = os.path.join(work, f"{name}.json")
             run(name, ["finetune.py", small, "--recipe", recipe, *ft, "--random-init", "--out", out, "--auto-resume"],
                 args, results, out)
+        for net, checkpoint in (("", encoder), ("_small", small)):  # the from-scratch recipe, both networks
+            name = f"supervised_{tag}{net}"
+            out = os.path.join(work, f"{name}.json")
+            run(name, ["finetune.py", checkpoint, *SUPERVISED, *ft, "--epochs", supervised_epochs, "--random-init",
+                       "--out", out, "--auto-resume"], args, results, out)
         teacher = os.path.join(work, f"finetune_{tag}_v2.pt")
         for student, flags in (("self", []), ("self_init", ["--init", encoder]), ("small", ["--width", args.small_width])):
             out = os.path.join(work, f"distill_{tag}_{student}")
