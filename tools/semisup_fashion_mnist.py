@@ -8,7 +8,8 @@ the same networks trained from random weights on the same labels.
    once as PNG files in the ImageNet layout, WORK/split/{train,val}/CLASS/*.png (compare_lightly.py's
    write_split): its training images are "the training split" every step uses, the labels of 10%
    and 1% of them (per class, finetune.py's choice with --seed) the only labels any step sees.
-2. pretrain.py on every training image, no labels: ResNet-18 (CIFAR stem) at --width, 28 px, a
+2. pretrain.py on every training image, no labels (scored, for reference only, by linear_eval.py
+   --cached-features with every training label: kNN and a linear classifier on frozen features): ResNet-18 (CIFAR stem) at --width, 28 px, a
    three-layer (v2) projection head, the official CIFAR recipe plus the three flags that helped at
    this budget (README, Results: --lr 0.3 --lr-scaling sqrt --weight-decay 1e-6 --temperature 0.2
    --no-zero-init-residual), one warmup epoch.
@@ -106,6 +107,9 @@ def main():
                      "--log-every", 10, "--out", pre, "--auto-resume", *common], args, results,
         os.path.join(pre, "encoder.pt"))
     encoder = os.path.join(pre, "encoder.pt")
+    out = os.path.join(work, "linear_pretrained.json")  # the pretrained features, scored with every label (a reference)
+    run("linear_pretrained", ["linear_eval.py", encoder, "--cached-features", "--batch-size", 256, "--progress-every",
+                              300, *common, "--out", out], args, results, out)
     small = os.path.join(work, f"small_w{args.small_width:g}.pt")  # a random small encoder, for its baseline
     if not os.path.exists(small):
         from model import build_encoder, save_encoder
