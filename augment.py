@@ -546,8 +546,8 @@ def main(argv=None):
     p.add_argument("--crop-sampler", default="official", choices=CROP_SAMPLERS)
     p.add_argument("--seed", type=int, default=0, help="seeds every view")
     args = p.parse_args(argv)
-    if args.pairs < 1 or args.image_size < 1:
-        p.error("--pairs and --image-size must be at least 1")
+    if args.pairs < 1 or args.image_size < 1 or not 0 <= args.strength < float("inf"):
+        p.error("--pairs and --image-size must be at least 1, --strength a finite number >= 0")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
     generator = torch.Generator().manual_seed(args.seed)
     tiles = []
@@ -560,7 +560,10 @@ def main(argv=None):
         tiles.append(center_crop_resize(img, args.image_size, fraction=1.0).float() / 255.0)  # uint8 (3, size, size)
         for _ in range(args.pairs):
             tiles.extend(views(img, generator))
-    save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)
+    try:
+        save_image(torch.stack(tiles), args.out, nrow=1 + 2 * args.pairs, padding=2, pad_value=1.0)
+    except OSError as e:  # read-only, full, a folder in the way: one line (this file imports no script helpers)
+        p.exit(2, f"augment.py: error: cannot write {args.out} ({e.strerror or e}); choose another --out\n")
     print(f"wrote {args.out}: {len(args.images)} rows of the image and {args.pairs} pairs of {views}")
 
 

@@ -1,50 +1,28 @@
 """Throughput benchmarks: the view pipeline, the pretraining step, the loss at large batch.
 
-  python bench.py                          # CPU-sized defaults (this is what README reports)
+  python bench.py                          # CPU-sized defaults (what docs/speed.md reports)
   python bench.py --device cuda            # GPU: ResNet-50, 224 px, 256 images per step
   python bench.py --only views,loss        # some sections
   python bench.py --device cuda:1 --amp fp16   # that GPU (every CUDA call names it), fp16 + loss scaling
 
---amp (as pretrain.py's; default auto: bf16 on GPUs of compute capability >= 8.0, fp16 below,
-off on the CPU) sets the encoder's autocast in the step, memory and epoch sections; the loss
-section is float32, as the loss is in training. The first line names the precision. A row
-that runs out of memory is a result ("failed"), and a section that fails is reported while
-the others go on; --json is rewritten after each section.
-
-Sections (every number of a section comes from one run, so ratios are fair on
-a noisy machine):
-  views  per image (two 224 px views) and per CPU core (one process, one thread, the thread's
-         CPU time, so other processes on a shared machine do not count), on the same in-memory
-         500x375 JPEGs, decoded each time; repeats interleaved, medians: the decode alone (PIL's,
-         and torchvision's decode_jpeg, which ours uses: the limit), the GPU path's CPU share
-         (decode + two crop + resize + flips into uint8, what --distort-on device workers do),
-         whole views on the CPU (--distort-on workers: augment.SimCLRViews), and the standard
-         torchvision pipeline (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2,
-         23x23 GaussianBlur p=0.5, ToTensor, on PIL's decode); each as a multiple of the decode,
-         and torchvision's cost over ours. --views-baseline FILE adds the SimCLRViews of another
-         augment.py (before/after; it gets PIL's decode).
-  step   images/s of pretraining steps (pretrain.py's own step functions, LARS, fp16's loss scaler):
-         (a) on batches already on the device: the ceiling; (b) with data workers
-         making whole views (--distort-on workers); (c) with workers only decoding,
-         cropping and flipping into uint8 and the batch distorted on the device
-         (--distort-on device, the CUDA default).
-  loss   time and peak memory of forward + backward of nt_xent (ours, O(N^2) memory)
-         and of the broadcast form several ports use (cosine similarity of
-         (2N, 1, d) against (1, 2N, d): O(N^2 d)), at several 2N with d = 128; sizes
-         whose estimated peak exceeds the memory (see PEAK_OVER_LARGEST) are skipped.
-  memory activation memory of one forward + backward of SimCLR (ResNet-50, 128 views
-         of 96 px on CPU; 224 px and 128 / 256 / 512 images per GPU on CUDA; --amp), without
-         and with activation checkpointing (on CPU the peak RSS growth of a fresh process,
-         on CUDA the allocator's peak above the model), and the time of each (medians of
-         interleaved rounds in one process).
+Sections, each measured in one run so that its ratios are fair on a noisy machine:
+  views  per image and per CPU core (one thread's CPU time): the decode alone, the GPU path's CPU
+         share (decode + crops + flips into uint8), whole views on the CPU, torchvision's pipeline
+  step   images/s of pretraining steps: (a) batches already on the device, (b) workers making whole
+         views (--distort-on workers), (c) workers cropping, distortion on the device
+  loss   time and peak memory of nt_xent against the broadcast form several ports use
+  memory activation memory and time of a step, without and with activation checkpointing
   epoch  seconds for one epoch of ResNet-18 (CIFAR stem) on generated 32 px images
-         (50,000 on CUDA), the full pretrain.py data path and step.
+--amp sets the encoder's autocast in the step, memory and epoch sections (the loss section is
+float32). A row that runs out of memory is a result ("failed"), a failed section is reported while
+the others go on, and --json is rewritten after each section.
+
+What each section measures, and the numbers: docs/speed.md.
 """
 import argparse
 import gc
 import importlib.util
 import io
-import json
 import os
 import platform
 import resource
@@ -66,6 +44,8 @@ from augment import SimCLRViews
 from lars import LARS
 from loss import nt_xent
 from model import ProjectionHead, SimCLR, build_encoder
+import flags
+import output
 from distributed import AMP_DTYPES, Context, add_amp_flags, grad_scaler, resolve_amp
 from pretrain import forward_backward, is_out_of_memory, to_device_views, train_step
 
@@ -107,6 +87,9 @@ def get_args():
     args.loss_sizes = [int(v) for v in (args.loss_sizes or ("2048,8192,32768" if cuda else "2048,4096,8192,32768")).split(",")]
     args.epoch_images = args.epoch_images or (50_000 if cuda else 1024)
     args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
+    flags.check(p.error, args, {name: "[1, inf)" for name in ("image_size", "batch_size", "steps", "view_images",
+                                                              "rounds", "memory_rounds", "epoch_images")}
+                | {"workers": "[0, inf)", "memory_width": "(0, inf)"})
     return args
 
 
@@ -591,10 +574,12 @@ def cpu_model():
 
 
 def write_json(path, results):
-    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+    """All numbers so far to `path`, through a temporary file: a run that stops leaves the last whole
+    file; one that cannot write stops with one line (the numbers so far are printed above it)."""
+    try:
+        output.write_json(path, results, "--json")
+    except output.WriteError as e:
+        sys.exit(f"bench.py: error: {e}")
 
 
 def main():
@@ -613,6 +598,11 @@ def main():
     for name in names:
         if name not in sections:
             sys.exit(f"bench.py: error: unknown section {name!r}; choose from {', '.join(sections)}")
+    if args.json:  # before the long measurements: the folder made, a probe written there
+        try:
+            output.check_file(args.json, "--json")
+        except output.WriteError as e:
+            sys.exit(f"bench.py: error: {e}")
     failed = []
     for name in names:
         try:

@@ -10,6 +10,7 @@ dependency: without it --tensorboard stops at start with one line that says how 
 import os
 
 from distributed import fail
+from output import writing
 
 
 def results_folder(results_path):
@@ -21,25 +22,29 @@ def results_folder(results_path):
 
 class Board:
     def __init__(self, folder, enabled, master=True):
-        self.writer = None
+        self.writer, self.folder, self.summary_writer = None, folder, None
         if not enabled:
             return
         try:  # on every rank, so that a missing package stops them all at start
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             fail("--tensorboard needs the tensorboard package: pip install tensorboard")
-        if master:
-            self.writer = SummaryWriter(folder)
+        if master:  # the folder is made at the first add(), once the run's inputs are checked
+            self.summary_writer = SummaryWriter
 
     def add(self, step, **scalars):
         """Write the scalars (tag: value) at `step` and flush them to disk."""
-        if self.writer is None:
+        if self.summary_writer is None:
             return
-        for tag, value in scalars.items():
-            if value is not None:
-                self.writer.add_scalar(tag, float(value), step)
-        self.writer.flush()
+        with writing(self.folder, "--out"):
+            if self.writer is None:
+                self.writer = self.summary_writer(self.folder)
+            for tag, value in scalars.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, float(value), step)
+            self.writer.flush()
 
     def close(self):
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.folder, "--out"):
+                self.writer.close()

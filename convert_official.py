@@ -6,35 +6,19 @@
     python convert_official.py my_run/model.ckpt-NNNN my_run.pt --ema  # a run that kept EMA copies of its weights
     python convert_official.py distill_1pct/r152_3x_sk1/r152_3x_sk1 r152_3x_sk1_distill1.pt  # a distilled student
 
-Reads the `.index` + `.data-*` files of a checkpoint written by the official
-TF1 code (google-research/simclr, root folder): the SimCLR v1 zips (ResNet-50
-1x/2x/4x) and the v2 `pretrained`, `finetuned_*` and `supervised` folders
-(ResNet-50/101/152, 1x/2x/3x, sk0 and sk1), and the official ResNet-18/34
-(no release; what users train with the official code, e.g. its CIFAR-10 recipe).
-No TensorFlow is needed: the index is a LevelDB table of BundleEntryProto
-records, parsed below with numpy and the standard library.
+Reads the `.index` + `.data-*` files of a checkpoint written by the official TF1 code
+(google-research/simclr, root folder), without TensorFlow: the v1 ResNet-50 1x/2x/4x, the v2
+`pretrained`, `finetuned_*` and `supervised` folders (ResNet-50/101/152, 1x/2x/3x, sk0 and sk1), and
+the official ResNet-18/34. The index is a LevelDB table of BundleEntryProto records, parsed below
+with numpy and the standard library; layers are matched in the order the official resnet.py creates
+them, and every shape is checked against the rebuilt module. The encoder is rebuilt exactly (TF's
+'SAME' stem max-pool, SK, the official ResNet-18/34 shortcuts); the projection head and the
+supervised head (as "classifier", reading h or projection-head layer 1) are carried over.
 
-Layers are matched by the order in which the official resnet.py creates them
-(stem, then per block: projection shortcut, conv1, conv2 or the selective-kernel
-layers, conv3, with BN after each), which fixes TF's auto-numbered names conv2d,
-conv2d_1, ...; every shape is checked against the rebuilt PyTorch module. Depth,
-width, stem and SK are read from the layout: the ResNet-D stem of sk1 networks
-starts with two 3x3 convolutions of 32w channels; the number of convolutions
-fixes depth and block type. The encoder is rebuilt exactly: TF's 'SAME' stem
-max-pool (tf_same_pool=True in its config), sk_ratio 0.0625 for sk1 (it only
-sets the attention widths, all checked), the official ResNet-18/34 shortcuts
-(first_group_projection); BN epsilon 1e-5 and the explicit conv padding already
-agree. Also carried over: the projection head (head_contrastive, v2: three
-layers) and the supervised linear head (head_supervised) as "classifier", which
-reads h (--head-layer 0: v1, v2 pretrained and supervised) or the output of
-projection-head layer 1 (v2 finetuned_1pct/10pct, the official ft_proj_selector=1;
-finetuned_100pct: h, as the SimCLRv2 paper says; --head-layer overrides).
-The distilled students (distill_1pct / distill_10pct, folders TEACHER/STUDENT, e.g.
-distill_1pct/r152_3x_sk1/r152_3x_sk1: the folder may be given) are read the same way; their
-classifier reads head layer 1 when the checkpoint shows that layer trained, else h.
-Optimizer slots (Momentum), EMA copies (unless --ema takes them in place of the
-weights) and global_step are skipped. Squeeze-and-excitation networks (se_ratio,
-no release) and other layouts are refused with one line.
+The released models, the head layer each classifier reads, and equality with TF:
+docs/official-checkpoints.md. The distilled students (distill_1pct / distill_10pct, folders
+TEACHER/STUDENT: the student's folder may be given) are read the same way; their classifier reads
+projection-head layer 1 when the checkpoint shows that layer trained, else h.
 """
 import argparse
 import glob
@@ -44,7 +28,9 @@ import sys
 import numpy as np
 import torch
 
-from model import ARCHS, BasicBlock, ProjectionHead, build_encoder, save_encoder
+import flags
+import output
+from model import ARCHS, BasicBlock, ProjectionHead, build_encoder, save_encoder, tensor_bytes
 
 
 class ConvertError(ValueError):
@@ -380,7 +366,7 @@ def default_head_layer(prefix):
     SimCLRv2 paper (Appendix, fine-tuning): "by default we fine-tune from the first layer of the
     projection head for 1%/10% of labeled examples, but from the input of the projection head when
     100% labels are present" -> 1 for finetuned_1pct/10pct, 0 for finetuned_100pct; 0 for
-    pretrained (linear eval on h), supervised and v1. See README, "Official checkpoints"."""
+    pretrained (linear eval on h), supervised and v1. See docs/official-checkpoints.md."""
     path = os.path.abspath(prefix)
     return 1 if "finetuned" in path and "finetuned_100pct" not in path else 0
 
@@ -435,7 +421,10 @@ def convert(prefix, out, head_layer=None, ema=False, extra_meta=None):
     if not config["cifar_stem"]:
         meta.update(dataset="imagefolder", image_size=224)
     meta.update(extra_meta or {})
-    save_encoder(out, encoder, head=head, classifier=classifier, **meta)
+    output.check_file(str(out), "OUT")  # the folder made, a probe written there
+    with output.writing(str(out), "OUT", needed=tensor_bytes(encoder.state_dict()) + tensor_bytes(classifier or {})
+                        + (tensor_bytes(head.state_dict()) if head else 0)):
+        save_encoder(out, encoder, head=head, classifier=classifier, **meta)
     read = {m[0] for m in mapping}
     skipped_names = [n for n in ckpt.shapes if skipped(n) and n not in read]
     other = [n for n in ckpt.shapes
@@ -462,7 +451,9 @@ def get_args(argv=None):
     p.add_argument("--ema", action="store_true",
                    help="take every trained variable from its ExponentialMovingAverage copy (checkpoints of runs "
                         "that kept one); BN moving statistics as stored")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    flags.check(p.error, args, {"head_layer": "[0, inf)"})
+    return args
 
 
 def resolve_prefix(path):
@@ -489,8 +480,9 @@ def resolve_prefix(path):
 def main(argv=None):
     args = get_args(argv)
     try:
+        output.check_file(args.out, "OUT", create_folder=False)  # before the long read: nothing made yet
         print(convert(resolve_prefix(args.checkpoint), args.out, args.head_layer, args.ema), flush=True)
-    except (ConvertError, OSError) as e:
+    except (ConvertError, output.WriteError, OSError) as e:
         sys.exit(f"convert_official.py: error: {e}")
 
 

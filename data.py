@@ -150,7 +150,7 @@ def build_dataset(name, data_dir, split, image_size=32, synthetic_size=512):
         n = synthetic_size if train else max(len(SYNTHETIC_CLASSES), synthetic_size // 4)
         return SyntheticImages(n, image_size, train=train)
     if name == "imagefolder":
-        return _image_folder(data_dir, "val" if split == "test" else "train")
+        return _image_folder(data_dir, "train") if train else _validation_folder(data_dir)
     if name == "folder":
         if split != "pretrain":
             raise DataError("--dataset folder has no labels, so it cannot be evaluated on; evaluate on a labelled "
@@ -252,18 +252,72 @@ def _image_folder(data_dir, sub):
         raise DataError(f"{root}: {str(e).splitlines()[0]} (expected {sub}/CLASS/IMAGE files)") from None
 
 
+def _validation_folder(data_dir):
+    """DIR/val with the class indices of DIR/train: each split's ImageFolder numbers its own sorted
+    class folders, so a val/ that lacks a class of train/ would shift every later class by one and
+    score every image against the wrong class. DIR/train's folder names (only listed, not scanned)
+    define the indices; a val/ class that train/ lacks is a DataError, a train/ class without
+    val/ images is kept in `absent_classes` (class_note says so). Without DIR/train, val/'s own."""
+    val = _image_folder(data_dir, "val")
+    train_root = os.path.join(data_dir, "train")
+    if os.path.isdir(train_root):
+        from torchvision.datasets.folder import find_classes
+        try:
+            names = find_classes(train_root)[0]
+        except (FileNotFoundError, RuntimeError):
+            names = None  # no class folders: the training split's own error says so when it is built
+        if names is not None:
+            align_classes(val, names, os.path.join(data_dir, "val"), train_root)
+    return val
+
+
+def align_classes(test, train_classes, test_root, train_root):
+    """Renumber an ImageFolder's labels (samples, imgs, targets, classes, class_to_idx) by the
+    training split's class names `train_classes` (sorted, as ImageFolder numbers them)."""
+    index = {c: i for i, c in enumerate(train_classes)}
+    extra = [c for c in test.classes if c not in index]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise DataError(f"{test_root} has class folder{'s' if len(extra) > 1 else ''} {', '.join(extra[:3])}{more} "
+                        f"that {train_root} lacks; the training split's class names define the labels, so its images "
+                        f"have none: remove or rename {'them' if len(extra) > 1 else 'it'}, or add "
+                        f"{'them' if len(extra) > 1 else 'it'} to {train_root}")
+    new = [index[c] for c in test.classes]
+    test.samples = [(path, new[label]) for path, label in test.samples]
+    test.imgs, test.targets = test.samples, [label for _, label in test.samples]
+    present = set(test.classes)
+    test.absent_classes = [c for c in train_classes if c not in present]
+    test.classes, test.class_to_idx = list(train_classes), dict(index)
+    test.root_label = test_root
+
+
+def class_note(test):
+    """A note when the test split has no images of some training classes (None otherwise)."""
+    absent = getattr(test, "absent_classes", None) or getattr(getattr(test, "dataset", None), "absent_classes", None)
+    if not absent:
+        return None
+    root = getattr(test, "root_label", None) or getattr(test.dataset, "root_label", "the test split")
+    more = f" and {len(absent) - 5} more" if len(absent) > 5 else ""
+    return (f"note: {root} has no images of {len(absent)} of the {len(test.classes)} training classes "
+            f"({', '.join(absent[:5])}{more}); the test accuracy is over the classes it has")
+
+
 # ----------------------------------------------------------------------------
 # --dataset folder: every image under a folder, any layout, no labels.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-def list_images(root):
+def list_images(root, left_out=None):
     """Paths of every image file under root, recursively, sorted as strings, so the
     order, and with it the seeds and a resume, does not depend on the file system's listing order.
     Images are recognised by their extension, in any case (IMAGE_EXTENSIONS); names starting with
     '.' (hidden files and folders) are left out. Symbolic links are followed, but every real folder
-    is listed once: a link back up the tree (a loop) or a second link to the same folder adds nothing."""
+    is listed once: a link back up the tree (a loop) or a second link to the same folder adds nothing.
+    left_out: a dict that counts what was passed over: "hidden" entries, "other files" (not an image
+    extension), "unreadable" entries (a folder this user may not list, a dangling link)."""
+    count = (lambda what: left_out.__setitem__(what, left_out.get(what, 0) + 1)) if left_out is not None else (
+        lambda what: None)
     found, seen = [], set()
     stack = [root]
     while stack:
@@ -275,17 +329,23 @@ def list_images(root):
             seen.add((st.st_dev, st.st_ino))
             entries = list(os.scandir(folder))
         except OSError:  # a dangling link, or a folder this user may not read
+            count("unreadable")
             continue
         for entry in entries:
             if entry.name.startswith("."):
+                count("hidden")
                 continue
             try:
                 if entry.is_dir():  # follows links
                     stack.append(entry.path)
                 elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                     found.append(entry.path)
+                elif entry.is_file():
+                    count("other files")
+                else:
+                    count("unreadable")  # a dangling link
             except OSError:
-                continue
+                count("unreadable")
     return sorted(found)
 
 
@@ -297,7 +357,8 @@ class FolderImages(Dataset):
     def __init__(self, root):
         if not os.path.isdir(root):
             raise DataError(f"{root} is not a directory; --dataset folder reads every image under --data-dir")
-        paths = list_images(root)
+        self.left_out = {}  # what the listing passed over (list_images)
+        paths = list_images(root, self.left_out)
         if not paths:
             raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files in any case, "
                             "in every folder below it, hidden ones left out); is --data-dir the right folder?")
@@ -309,6 +370,21 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i):
         return load_image(self.samples[i][0]), -1
+
+
+def describe(dataset, name, data_dir, split="train"):
+    """One line for the start of a run: how many images (and classes) a split ("train", "test", or
+    None: no word for it) has, and for a folder what its listing left out."""
+    classes = len(getattr(dataset, "classes", []) or [])
+    left_out = getattr(dataset, "left_out", None) or getattr(getattr(dataset, "dataset", None), "left_out", None)
+    where = {"imagefolder": f" under {os.path.join(data_dir, 'val' if split == 'test' else 'train')}",
+             "folder": f" under {data_dir}"}.get(name, "")
+    kind = {"test": "test ", "train": "training ", None: ""}[split]
+    text = f"{name}: {len(dataset)} {kind}images{where}"
+    text += f" in {classes} classes" if classes else ""
+    if left_out:
+        text += " (left out while listing: " + ", ".join(f"{n} {what}" for what, n in sorted(left_out.items())) + ")"
+    return text
 
 
 def num_classes(dataset):
@@ -400,17 +476,23 @@ def _sample_seed(seed, epoch, index):
     return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63)
 
 
+# What a strict SeededTransform's error adds (hint=): why this image had to be readable.
+TRAIN_HINT = "without --strict-data unreadable training images are skipped"
+TEST_HINT = "every test image must be readable"
+
+
 class SeededTransform(Dataset):
     """dataset[i] = (transform(image, generator), label, unreadable), the generator
     seeded from (seed, epoch, i). Index it with (epoch, i) pairs, as make_loader does.
 
     An image that cannot be read (corrupt, truncated, not an image) is replaced by
     the next readable one, reported once per worker on stderr, and flagged in
-    `unreadable` (1 for that sample); with strict=True it raises DataError instead.
+    `unreadable` (1 for that sample); with strict=True it raises DataError instead, whose message
+    ends with `hint` (e.g. TRAIN_HINT) when given.
     """
 
-    def __init__(self, dataset, transform, seed=0, strict=False):
-        self.dataset, self.transform, self.seed, self.strict = dataset, transform, seed, strict
+    def __init__(self, dataset, transform, seed=0, strict=False, hint=None):
+        self.dataset, self.transform, self.seed, self.strict, self.hint = dataset, transform, seed, strict, hint
         self._reported = set()
 
     def __len__(self):
@@ -430,8 +512,8 @@ class SeededTransform(Dataset):
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
                 reason = f"{self._name(j)} ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
                 if self.strict:
-                    raise DataError(f"cannot read {reason}; remove or replace the file "
-                                    "(without --strict-data unreadable images are skipped)") from None
+                    raise DataError(f"cannot read {reason}; remove or replace the file"
+                                    + (f" ({self.hint})" if self.hint else "")) from None
                 if j not in self._reported:
                     self._reported.add(j)
                     print(f"warning: skipping unreadable image {reason}", file=sys.stderr, flush=True)

@@ -46,6 +46,8 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 import data
+import flags
+import output
 import resume
 from augment import EvalTransform
 from board import Board
@@ -55,7 +57,7 @@ from features import Progress, extract_features, to_device, topk_accuracy
 from lars import fine_tuning_optimizer, fused_sgd_available, scaled_step, warmup_cosine
 from loss import distillation_loss
 from model import (ARCHS, CheckpointError, Classifier, build_encoder, load_classifier, load_encoder,
-                   pretrain_settings, save_classifier)
+                   pretrain_settings, save_classifier, tensor_bytes)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -114,19 +116,15 @@ def get_args(argv=None):
     r.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     args = p.parse_args(argv)
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        p.error("--temperature must be a positive number")
-    if not (0 <= args.label_weight < math.inf and 0 < args.label_fraction <= 1):
-        p.error("--label-weight must be a number >= 0 and --label-fraction lie in (0, 1]")
-    for name in ("epochs", "batch_size", "image_size", "synthetic_size", "max_images"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lr", "weight_decay", "momentum", "warmup_epochs"):
-        if not 0 <= getattr(args, name) < math.inf:
-            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
-    if (args.width is not None and not args.width > 0) or args.eta <= 0 or args.progress_every < 0:
-        p.error("--width and --eta must be positive, --progress-every at least 0")
+    flags.check(p.error, args, NUMBER_RANGES)
     return args
+
+
+NUMBER_RANGES = {"width": "(0, inf)", "image_size": "[1, inf)", "synthetic_size": "[1, inf)", "max_images": "[1, inf)",
+                 "workers": "[0, inf)", "temperature": "(0, inf)", "label_weight": "[0, inf)",
+                 "label_fraction": "(0, 1]", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "[0, inf)",
+                 "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)", "eta": "(0, inf)",
+                 "progress_every": "[0, inf)", "dist_timeout": "(0, inf)"}  # flags.check
 
 
 class KnownLabels(Dataset):
@@ -153,15 +151,15 @@ def main():
     args.amp, amp_text = resolve_amp(args.amp, ctx.device)
     args.channels_last = args.channels_last and ctx.cuda
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    args.resume = resume.prepare(ckpt_path, args.resume, args.auto_resume, ctx.master,
-                                 also=(os.path.join(args.out, "student.pt"),))
-    if ctx.master:
-        os.makedirs(args.out, exist_ok=True)
-    board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, ctx.master)  # rank 0 writes
+    args.resume = resume.prepare(ckpt_path, args.resume, args.auto_resume, ctx.master)  # checks; makes nothing
     job = build_data(args, ctx, teacher.classes)
-    job.ckpt_path, job.board = ckpt_path, board
     torch.manual_seed(args.seed)
     student, model, teacher, optimizer, scaler = build_models(job, teacher)
+    job.ckpt_path, job.student_path = ckpt_path, os.path.join(args.out, "student.pt")
+    if ctx.master:  # every input is checked: now --out is made
+        output.check_folder(args.out, "--out")
+        resume.remove_leftovers(job.ckpt_path, job.student_path)
+    job.board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, ctx.master)  # rank 0 writes
     loader, test_loader = make_loaders(job)
     spe = job.steps_per_epoch = len(loader)
     total_steps, warmup_steps = args.epochs * spe, int(round(args.warmup_epochs * spe))
@@ -171,6 +169,7 @@ def main():
             ckpt_path, model, optimizer, scaler, spe, args, student.encoder.config, master=ctx.master,
             compared=("teacher", "temperature", "label_weight", "lr", "lr_scaling", "batch_size", "epochs",
                       "optimizer", "weight_decay", "seed"))
+    job.saved = (start_epoch, start_step) if args.resume else None  # what --out holds for a resume
     print_start(job, student, teacher, amp_text, (start_epoch, start_step))
 
     t_train, stop = time.time(), StopRequest()
@@ -245,6 +244,8 @@ def build_models(job, teacher):
     gradients), the optimizer and fp16's loss scaler."""
     args, ctx = job.args, job.ctx
     encoder = student_encoder(args, teacher)
+    if flags.image_size_problem(args.image_size, encoder.config["cifar_stem"]):
+        fail(flags.image_size_problem(args.image_size, encoder.config["cifar_stem"]))
     # PyTorch's default init, not zeros: LARS scales the classifier's steps by its norm (as the colab's
     # Keras layer starts from its default init; the fine-tuning code zero-initialises but excludes it)
     student = Classifier(encoder, nn.Linear(encoder.feature_dim, teacher.classes)).to(ctx.device)
@@ -354,14 +355,18 @@ def train_step(job, model, teacher, optimizer, scaler, x, labels):
 
 
 def save(job, student, model, optimizer, scaler, epochs_done, step_in_epoch, sums):
-    """Rank 0 writes the resume state and the student, each atomically."""
+    """Rank 0 writes the resume state and the student, each atomically; a write that fails is one
+    line (output.WriteError) that says what --out still holds."""
     args = job.args
     resume.save_state(job.ckpt_path, model, optimizer, scaler, epochs_done, step_in_epoch, job.steps_per_epoch,
-                      sums, args)
-    save_classifier(os.path.join(args.out, "student.pt"), student, dataset=args.test_dataset,
-                    data_dir=args.test_data_dir, image_size=args.image_size, synthetic_size=args.synthetic_size,
-                    epoch=epochs_done, step_in_epoch=step_in_epoch, teacher=os.path.abspath(args.teacher),
-                    distilled_on=args.dataset, temperature=args.temperature, label_weight=args.label_weight)
+                      sums, args, kept=resume.kept_text(job.ckpt_path, job.saved))
+    job.saved = (epochs_done, step_in_epoch)
+    with output.writing(job.student_path, "--out", needed=tensor_bytes(student.state_dict()),
+                        after=f"; {resume.kept_text(job.ckpt_path, job.saved)}"):
+        save_classifier(job.student_path, student, dataset=args.test_dataset, data_dir=args.test_data_dir,
+                        image_size=args.image_size, synthetic_size=args.synthetic_size, epoch=epochs_done,
+                        step_in_epoch=step_in_epoch, teacher=os.path.abspath(args.teacher), distilled_on=args.dataset,
+                        temperature=args.temperature, label_weight=args.label_weight)
 
 
 def end_epoch(job, student, model, optimizer, scaler, epoch, sums, lr, seconds):
@@ -370,9 +375,9 @@ def end_epoch(job, student, model, optimizer, scaler, epoch, sums, lr, seconds):
     loss, agreement = sums.end(ctx, epoch, args.epochs, lr, job.board, "distill", (epoch + 1) * spe)
     if ctx.master:
         save(job, student, model, optimizer, scaler, epoch + 1, 0, [])
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"epoch": epoch + 1, "step": (epoch + 1) * spe, "loss": loss, "agreement": agreement,
-                                "lr": lr, "epoch_time_s": round(seconds, 3)}) + "\n")
+        output.append_line(os.path.join(args.out, "log.jsonl"), json.dumps(
+            {"epoch": epoch + 1, "step": (epoch + 1) * spe, "loss": loss, "agreement": agreement, "lr": lr,
+             "epoch_time_s": round(seconds, 3)}))
 
 
 def evaluate(job, student, teacher, test_loader):
@@ -404,14 +409,16 @@ def evaluate(job, student, teacher, test_loader):
         job.board.add(args.epochs * job.steps_per_epoch, **{"distill/top1": accs[0], "distill/teacher_top1": teacher_accs[0],
                                                             "distill/test_agreement": agreement})
     results["phase_seconds"] = job.phases
+    if ctx.master and test_loader is not None:  # printed before anything is written: a failed write loses nothing seen
+        print(f"student top-1 {results['top1']:.2f}%, teacher top-1 {results['teacher_top1']:.2f}%, agreement "
+              f"{results['test_agreement']:.2f}% on {results['test_images']} test images", flush=True)
     write_results(results, os.path.join(args.out, "results.json"), ctx)
     job.board.close()
-    if ctx.master and test_loader is not None:
-        print(f"student top-1 {results['top1']:.2f}%, teacher top-1 {results['teacher_top1']:.2f}%, agreement "
-              f"{results['test_agreement']:.2f}% on {results['test_images']} test images; wrote "
-              f"{os.path.join(args.out, 'results.json')}")
-        print(f"top-1 accuracy: {results['top1']:.2f}%", flush=True)
+    if ctx.master:
+        print(f"wrote {os.path.join(args.out, 'results.json')} (the student: {job.student_path})")
+        if test_loader is not None:
+            print(f"top-1 accuracy: {results['top1']:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)

@@ -7,7 +7,6 @@ import datetime
 import faulthandler
 import gc
 import inspect
-import json
 import math
 import os
 import random
@@ -22,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import output
 
 
 @dataclass
@@ -400,13 +401,10 @@ class EpochSums:
 
 
 def write_results(results, path, ctx):
-    """Rank 0 writes an evaluation's results as JSON, atomically (a temporary file, then a rename)."""
-    if not ctx.master:
-        return
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
+    """Rank 0 writes an evaluation's results as JSON, atomically (a temporary file, then a rename);
+    a failed write is an output.WriteError (one line), leaving no temporary file."""
+    if ctx.master:
+        output.write_json(path, results, "--out")
 
 
 class StopRequest:

@@ -4,31 +4,17 @@
   python export.py runs/imagenet/encoder.pt --to detectron2 resnet50_simclr.pkl
   python export.py runs/mine/encoder.pt --to features --data-dir photos features.npz
 
-Reads encoder.pt or ckpt.pt (pretrain.py, convert_official.py).
+Reads encoder.pt or ckpt.pt (pretrain.py, convert_official.py). torchvision: the state dict under
+torchvision's names; torchvision.models.resnetNN() loads it strictly with fc replaced by
+nn.Identity(), and gives the encoder's features exactly (width 1, ImageNet stem). detectron2: the
+pickle DetectionCheckpointer reads for build_resnet_backbone, and the config lines it needs are
+printed. features: h of every image under --data-dir, in sorted path order, to OUT.npz
+(`features` (N, d) float32, `paths` (N,)). Selective-kernel encoders and the CIFAR stem are refused
+for torchvision and detectron2 with one line; TensorFlow's max-pool padding gives a warning.
 
-torchvision: the encoder's state dict under torchvision's names, which are this project's at
-width 1; torchvision.models.resnetNN() loads it with fc left out, and then gives the encoder's
-features exactly (with fc replaced by nn.Identity(), or reading avgpool's output):
-
-    net = torchvision.models.resnet50(); net.fc = torch.nn.Identity()
-    net.load_state_dict(torch.load("resnet50_simclr.pth"))     # strict
-
-detectron2: the pickle DetectionCheckpointer reads for the ResNet of build_resnet_backbone
-(stem.conv1, res2-res5 as detectron2 names them; BN as conv*.norm, FrozenBN's four tensors),
-{"model": {name: numpy array}, "__author__": ..., "matching_heuristics": True}. The config
-lines it needs are printed (torchvision's stride placement, RGB in [0, 1], the width).
-
-Both need the ImageNet stem (not --cifar-stem); torchvision also width 1. An encoder with
-TensorFlow's max-pool padding (converted official checkpoints) is exported with a warning
-that gives the size of the feature shift torchvision's and detectron2's padding cause.
-
-features: h = f(x) for every image under --data-dir (any layout, as --dataset folder, in its
-sorted order), through the evaluation transform at the pretraining image size (--image-size to
-change it), to OUT.npz: `features` (N, d) float32 and `paths` (N,), row i for paths[i]; for
-retrieval and clustering. Every image must be readable.
+Details: docs/export.md.
 """
 import argparse
-import os
 import pickle
 import sys
 
@@ -37,10 +23,12 @@ import torch
 import torchvision
 
 import data
+import flags
+import output
 from augment import EvalTransform
 from distributed import AMP_DTYPES, add_amp_flags, fail, resolve_amp, run, setup
 from features import extract_features
-from model import CheckpointError, build_encoder, load_encoder, pretrain_settings, save_atomic
+from model import CheckpointError, build_encoder, load_encoder, pretrain_settings, save_atomic, tensor_bytes
 
 TARGETS = ("torchvision", "detectron2", "features")
 
@@ -60,8 +48,7 @@ def get_args(argv=None):
         p.error("--to features needs --data-dir, the folder of images")
     if args.to != "features" and args.data_dir:
         p.error(f"--data-dir is for --to features; --to {args.to} exports the weights alone")
-    if args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
-        p.error("--batch-size and --image-size must be at least 1")
+    flags.check(p.error, args, {"batch_size": "[1, inf)", "image_size": "[1, inf)", "workers": "[0, inf)"})
     return args
 
 
@@ -186,30 +173,24 @@ def export_features(args, encoder, ckpt):
     ctx = setup()
     args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
     size = args.image_size or pretrain_settings(ckpt).get("image_size") or 224
+    if flags.image_size_problem(size, encoder.config["cifar_stem"]):
+        fail(flags.image_size_problem(size, encoder.config["cifar_stem"]))
     images = data.FolderImages(args.data_dir)
+    output.check_file(args.out, "OUT")  # every input is checked: the folder is made
     workers = data.default_workers() if args.workers is None else args.workers
-    loader = data.make_loader(data.SeededTransform(images, EvalTransform(size, train=False), strict=True),
+    loader = data.make_loader(data.SeededTransform(images, EvalTransform(size, train=False), strict=True,
+                                                   hint="export.py writes the features of every image, so each "
+                                                        "must be readable"),
                               args.batch_size, train=False, workers=workers, pin_memory=ctx.cuda)
-    print(f"{amp_text}; {len(images)} images under {args.data_dir}, {size} px, encoder {encoder.config}", flush=True)
+    print(f"{amp_text}; {data.describe(images, 'folder', args.data_dir, None).split(': ', 1)[1]}, {size} px, "
+          f"encoder {encoder.config}", flush=True)
     # eval mode: BN uses the statistics from pretraining, as in the evaluation scripts
     feats, _ = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
                                 what="features")
-    write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.float().cpu().numpy(),
-                                                paths=np.array([p for p, _ in images.samples])),
-                 suffix=".npz")  # np.savez adds .npz to a name without it
+    output.write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.float().cpu().numpy(),
+                                                       paths=np.array([p for p, _ in images.samples])),
+                        "OUT", needed=feats.numel() * 4, suffix=".npz")  # np.savez adds .npz to a name without it
     print(f"wrote {args.out}: features {tuple(feats.shape)} float32 and paths ({len(images)})", flush=True)
-
-
-def write_atomic(path, write, suffix=""):
-    """write(tmp) to a temporary file, then rename it to path, as model.save_atomic does for torch.save:
-    a failed write leaves neither a half-written file at path nor the temporary one."""
-    tmp = f"{path}.tmp.{os.getpid()}{suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _dump_pickle(obj, path):
@@ -219,13 +200,16 @@ def _dump_pickle(obj, path):
 
 def main(argv=None):
     args = get_args(argv)
+    output.check_file(args.out, "OUT", create_folder=False)  # told without making anything
     encoder, ckpt = load_encoder(args.checkpoint)
     if args.to == "features":
         return export_features(args, encoder, ckpt)
     if args.to == "torchvision":
         state = torchvision_state(encoder)
         warn_tf_pool(encoder, "torchvision")
-        save_atomic(state, args.out)
+        output.check_file(args.out, "OUT")
+        with output.writing(args.out, "OUT", needed=tensor_bytes(state)):
+            save_atomic(state, args.out)
         arch = encoder.config["arch"]
         if encoder.normalise_input:  # torchvision's model has no input normalisation of its own
             print(f"note: this encoder was pretrained with --input-norm {encoder.config['input_norm']}: feed the "
@@ -237,10 +221,12 @@ def main(argv=None):
         return
     checkpoint = detectron2_checkpoint(encoder)
     warn_tf_pool(encoder, "detectron2")
-    write_atomic(args.out, lambda tmp: _dump_pickle(checkpoint, tmp))
+    output.check_file(args.out, "OUT")
+    output.write_atomic(args.out, lambda tmp: _dump_pickle(checkpoint, tmp), "OUT",
+                        needed=sum(v.nbytes for v in checkpoint["model"].values()))
     print(f"wrote {args.out}: {len(checkpoint['model'])} tensors of detectron2's ResNet backbone; config:\n  "
           + "\n  ".join(detectron2_config(encoder, args.out)), flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)

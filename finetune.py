@@ -5,46 +5,23 @@ SimCLRv2, Chen et al. 2020b, Sec. 2.2).
   python finetune.py r50_1x_sk0.pt --subset-file 1percent.txt   # the official ImageNet lists
   torchrun --nproc_per_node=8 finetune.py runs/imagenet/encoder.pt --label-fraction 0.1
 
-Trains the whole encoder plus a new linear head (zero-initialised) on a
-class-balanced subset of the labelled training set: round(fraction x n) random
-images of every class, chosen by --seed; or on the images named in
---subset-file (one name per line, as the official ImageNet 1% / 10% files;
-image indices for the other datasets). The dataset, data folder and image size
-default to the pretraining ones. Random crop + flip; BN in train mode,
-synchronised across processes on CUDA; cosine decay per step, no warmup; 60
-epochs at 1% of the labels or fewer and 30 above. Test accuracy is measured
-once, after the last epoch, on every test image.
+Trains the whole encoder plus a new zero-initialised linear head on a class-balanced subset
+(round(fraction x n) images of every class, chosen by --seed) or on the images --subset-file names;
+crop + flip, cosine decay, 60 epochs at 1% of the labels or fewer and 30 above; the test set scored
+once, after the last epoch. Two recipes (--recipe, the start line says which and why): v2, the
+official SimCLRv2 fine-tuning (LARS without decay or trust ratio for BN, biases and the classifier,
+lr 0.005 x sqrt(batch), batch 1024 on ImageNet, from projection-head layer 1), the default for a
+checkpoint with a three-layer head; v1, the SimCLR v1 paper's (Nesterov SGD, lr 0.05 x batch/256,
+batch 4096 on ImageNet, from h) otherwise. Under SGD the start line gives the measured kernel scale
+(an official v2 checkpoint gets a warning: its weights are 16.8x smaller than v1's); --conv-scale
+rescales them without changing the function.
 
-Two recipes (--recipe; the start line says which and why):
-  v2  the official SimCLRv2 fine-tuning (its README's command): LARS (biases, BN and the
-      classifier without weight decay or trust ratio), lr 0.005 x sqrt(batch), no weight
-      decay, batch 1024 on ImageNet, from projection-head layer 1. Default for checkpoints
-      with a three-layer (v2) projection head.
-  v1  the SimCLR v1 paper's protocol: SGD with Nesterov momentum 0.9, lr 0.05 x batch/256, no
-      weight decay, batch 4096 on ImageNet, from h (the head dropped). Default otherwise.
---optimizer, --lr, --lr-scaling, --batch-size and --from-head-layer override a recipe's values.
+Writes NAME.json (--out), NAME.pt (the fine-tuned network with its classifier, for linear_eval.py
+--checkpoint-classifier and distill.py) and NAME.ckpt.pt (for an exact --resume), the two .pt at
+the end of every epoch and when SIGTERM or SIGINT stops the run. Ends with the line `top-1 accuracy:
+XX.XX%`.
 
-Momentum SGD and weight scale: SimCLRv1's released ResNet-50 kernels are on average 16.8x
-SimCLRv2's (official README, Known issues), and SGD's step on a kernel that BN follows turns it by
-about lr / |w|^2, so the v1 protocol runs about 280x hotter on v2 weights. LARS does not care.
-Under --optimizer sgd the start line gives the checkpoint's measured kernel scale, and an official
-SimCLRv2 checkpoint (convert_official.py's, three-layer head) gets a warning; --conv-scale F multiplies every such kernel (and its BN's running
-statistics) by F, the same function at another scale (the README's remedy: 16.8 brings v2 to v1).
-
---from-head-layer K (the official ft_proj_selector) keeps the first K layers of the checkpoint's
-projection head and fine-tunes them with the encoder, the new linear head reading their output.
-
-Writes, next to the results JSON (--out; default next to the checkpoint): NAME.pt, the fine-tuned
-network in the encoder.pt format with its classifier (linear_eval.py --checkpoint-classifier
-scores it, distill.py takes it as its teacher), and NAME.ckpt.pt, the state that --resume
-continues from exactly; both at the end of every epoch and when SIGTERM or SIGINT stops the run.
-
---max-images N trains on the first N images of the labelled subset and tests
-on the first N test images: a quick end-to-end check before a long run.
-
-Prints progress every --progress-every seconds, top-1 (and top-5 with at
-least 5 classes), writes JSON (with the seconds each phase took), and ends with
-the line `top-1 accuracy: XX.XX%`.
+Protocols and every flag: docs/evaluation.md and docs/semi-supervised.md.
 """
 import argparse
 import json
@@ -59,6 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 import data
+import flags
+import output
 import resume
 from augment import EvalTransform
 from board import Board, results_folder
@@ -67,7 +46,7 @@ from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail
 from features import Progress, extract_features, to_device, topk_accuracy
 from lars import fine_tuning_optimizer, fused_sgd_available, scaled_step, warmup_cosine
 from model import (CheckpointError, Classifier, ProjectionHead, build_encoder, conv_weight_scale, load_encoder,
-                   load_head, pretrain_settings, rescale_convs, save_classifier)
+                   load_head, pretrain_settings, rescale_convs, save_classifier, tensor_bytes)
 
 # The two recipes' values; flags left unset take them. batch: ImageNet (imagefolder), other datasets.
 RECIPES = {
@@ -133,15 +112,15 @@ def get_args(argv=None):
     p.add_argument("--dist-timeout", type=float, default=10,
                    help="minutes a collective waits for a process that died or hangs before the others fail")
     args = p.parse_args(argv)
-    if not 0 < args.label_fraction <= 1:
-        p.error("--label-fraction must lie in (0, 1]")
-    if args.from_head_layer is not None and args.from_head_layer < 0:
-        p.error("--from-head-layer must be at least 0")
-    if (args.max_images is not None and args.max_images < 1) or args.progress_every < 0:
-        p.error("--max-images must be at least 1 and --progress-every at least 0")
-    if not (args.conv_scale > 0 and math.isfinite(args.conv_scale)) or args.eta <= 0:
-        p.error("--conv-scale and --eta must be positive")
+    flags.check(p.error, args, NUMBER_RANGES)
     return args
+
+
+NUMBER_RANGES = {"label_fraction": "(0, 1]", "from_head_layer": "[0, inf)", "max_images": "[1, inf)",
+                 "progress_every": "[0, inf)", "epochs": "[1, inf)", "batch_size": "[1, inf)",
+                 "image_size": "[1, inf)", "synthetic_size": "[1, inf)", "workers": "[0, inf)", "lr": "[0, inf)",
+                 "weight_decay": "[0, inf)", "momentum": "[0, 1)", "eta": "(0, inf)", "conv_scale": "(0, inf)",
+                 "dist_timeout": "(0, inf)"}  # flags.check; the recipe's values (None until then) are checked in resolve
 
 
 def choose_recipe(args, head):
@@ -205,14 +184,16 @@ def main():
     encoder, ckpt = load_encoder(args.checkpoint)
     proj = load_head(args.checkpoint, ckpt)
     settings = pretrain_settings(ckpt)
-    recipe_text = resolve(args, settings, proj)
+    recipe_text = resolve(args, settings, proj, encoder.config["cifar_stem"])
     proj = kept_head(args, proj) if args.from_head_layer else proj
     ctx = setup(args.batch_size, args.dist_timeout)
     args.amp, amp_text = resolve_amp(args.amp, ctx.device)
     args.channels_last = args.channels_last and ctx.cuda
     board = Board(results_folder(args.out), args.tensorboard, ctx.master)  # rank 0 writes
-    job = build_data(args, ctx)
-    args.resume = resume.prepare(job.state_path, args.resume, args.auto_resume, ctx.master, also=(job.model_path,))
+    job = build_data(args, ctx)  # also makes the results folder, every input checked
+    args.resume = resume.prepare(job.state_path, args.resume, args.auto_resume, ctx.master)
+    if ctx.master:
+        resume.remove_leftovers(job.state_path, job.model_path)
     torch.manual_seed(args.seed)
     if args.random_init:
         encoder = build_encoder(**encoder.config)
@@ -225,6 +206,7 @@ def main():
         start_epoch, start_step, start_sums, _ = resume.load_state(
             job.state_path, model, optimizer, scaler, steps_per_epoch, args, encoder.config, master=ctx.master,
             compared=("recipe", "optimizer", "lr", "lr_scaling", "batch_size", "epochs", "weight_decay", "seed"))
+    job.saved = (start_epoch, start_step) if args.resume else None  # what the folder holds for a resume
     print_start(job, encoder, settings, (amp_text, recipe_text, scale_text), (start_epoch, start_step))
 
     t_train, stop, train_loss, train_acc = time.time(), StopRequest(), None, None
@@ -262,8 +244,9 @@ def main():
     report(job, board, args.epochs * steps_per_epoch, encoder, settings, accs, train_loss, train_acc, len(test_y))
 
 
-def resolve(args, settings, proj):
-    """Fill the defaults that depend on the checkpoint and the dataset -> the recipe's start line."""
+def resolve(args, settings, proj, cifar_stem=False):
+    """Fill the defaults that depend on the checkpoint, its projection head (the recipe) and the dataset;
+    check them and that the results can be written (nothing is made yet) -> the recipe's start line."""
     args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     recipe_text = choose_recipe(args, proj)
@@ -275,8 +258,10 @@ def resolve(args, settings, proj):
                else f"{100 * args.label_fraction:g}pct")
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
         args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
-    if min(args.epochs, args.batch_size, args.image_size) < 1 or args.lr < 0 or args.weight_decay < 0:
-        fail("--epochs, --batch-size and --image-size must be at least 1, --lr and --weight-decay not negative")
+    flags.check(fail, args, NUMBER_RANGES)  # the defaults filled in here too
+    if flags.image_size_problem(args.image_size, cifar_stem):
+        fail(flags.image_size_problem(args.image_size, cifar_stem))
+    output.check_file(args.out, "--out", create_folder=False)  # NAME.pt and NAME.ckpt.pt go beside it
     return recipe_text
 
 
@@ -295,6 +280,11 @@ def build_data(args, ctx):
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank = args.batch_size // ctx.world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    if ctx.master:  # every input is checked: now the results folder is made
+        output.check_file(args.out, "--out")
+        class_note = data.class_note(test_raw)  # labels are numbered by the training split's classes
+        if class_note:
+            print(class_note, flush=True)
     if note and ctx.master:
         print(f"{note}, peak lr {peak_lr:.4g}", flush=True)
     stem = args.out[:-len(".json")] if args.out.endswith(".json") else args.out
@@ -330,8 +320,9 @@ def make_loaders(job):
     """The labelled subset with crop + flip (shuffled, by --seed) and the test set (every image counts)."""
     args, ctx = job.args, job.ctx
     train_set = data.SeededTransform(Subset(job.train_raw, job.chosen.tolist()), EvalTransform(args.image_size, train=True),
-                                     seed=args.seed, strict=args.strict_data)
-    test_set = data.SeededTransform(job.test_raw, EvalTransform(args.image_size, train=False), strict=True)
+                                     seed=args.seed, strict=args.strict_data, hint=data.TRAIN_HINT)
+    test_set = data.SeededTransform(job.test_raw, EvalTransform(args.image_size, train=False), strict=True,
+                                    hint=data.TEST_HINT)
     return (data.make_loader(train_set, job.per_rank, train=True, workers=args.workers, rank=ctx.rank,
                              world=ctx.world, seed=args.seed, pin_memory=ctx.cuda),
             data.make_loader(test_set, job.per_rank, train=False, workers=args.workers, rank=ctx.rank,
@@ -379,14 +370,18 @@ def train_step(job, model, optimizer, scaler, x, y):
 
 
 def save(job, net, model, optimizer, scaler, epochs_done, step_in_epoch, sums):
-    """Rank 0 writes the resume state and the fine-tuned network, each atomically."""
-    args = job.args
+    """Rank 0 writes the resume state and the fine-tuned network, each atomically; a write that fails
+    is one line (output.WriteError) that says what the folder still holds."""
+    args, kept = job.args, resume.kept_text(job.state_path, job.saved)
     resume.save_state(job.state_path, model, optimizer, scaler, epochs_done, step_in_epoch, job.steps_per_epoch,
-                      sums, args)
-    save_classifier(job.model_path, net, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-                    synthetic_size=args.synthetic_size, epoch=epochs_done, step_in_epoch=step_in_epoch,
-                    finetuned_from=os.path.abspath(args.checkpoint), recipe=args.recipe, classes=job.classes,
-                    train_images=len(job.chosen))
+                      sums, args, kept=kept)
+    job.saved = (epochs_done, step_in_epoch)
+    kept = resume.kept_text(job.state_path, job.saved)
+    with output.writing(job.model_path, "--out", needed=tensor_bytes(net.state_dict()), after=f"; {kept}"):
+        save_classifier(job.model_path, net, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                        synthetic_size=args.synthetic_size, epoch=epochs_done, step_in_epoch=step_in_epoch,
+                        finetuned_from=os.path.abspath(args.checkpoint), recipe=args.recipe, classes=job.classes,
+                        train_images=len(job.chosen))
 
 
 def report(job, board, steps, encoder, settings, accs, train_loss, train_acc, test_images):
@@ -405,14 +400,15 @@ def report(job, board, steps, encoder, settings, accs, train_loss, train_acc, te
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images, "model": os.path.abspath(job.model_path),
     }
+    if ctx.master:  # printed before anything is written: a failed write loses nothing seen
+        print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else ""), flush=True)
     write_results(results, args.out, ctx)
     board.add(steps, **{"finetune/top1": accs[0], "finetune/top5": results["top5"]})
     board.close()
     if ctx.master:
-        print(f"fine-tuned top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
-              + f"; wrote {args.out} and {job.model_path}")
+        print(f"wrote {args.out} (the network: {job.model_path})")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)

@@ -1,16 +1,18 @@
 """torch.hub entry points: the official SimCLR v1/v2 weights, downloaded, converted exactly and cached.
 
-    model = torch.hub.load(REPO, "simclr_v2", "r50_1x_sk0", bucket="finetuned_10pct")
+    model = torch.hub.load("path/to/this/clone", "simclr_v2", "r50_1x_sk0", bucket="finetuned_10pct",
+                           source="local")
     h = model(x)                   # x: (B, 3, 224, 224) RGB in [0, 1], no mean/std normalisation
     logits = model.classifier(h)   # the released linear classifier, on projection-head layer model.head_layer
     z = model.projection_head(h)   # v2 only
 
-REPO is this repository on GitHub (OWNER/NAME) or a clone (then add source="local"). The first
-call downloads the official TensorFlow files (torch.hub.download_url_to_file), converts them with
-convert_official.py and keeps the converted encoder.pt in torch.hub.get_dir()/checkpoints/simclr/;
-later calls read that file. `python hubconf.py simclr_v2 r50_1x_sk0 --bucket pretrained` does the
-same and prints the file's path (for linear_eval.py --checkpoint-classifier).
-Docs: README "Official weights" and the checkpoints page.
+From GitHub, torch.hub.load("OWNER/REPO", "simclr_v2", ...) works the same (without source="local").
+The first call downloads the official TensorFlow files (torch.hub.download_url_to_file), converts
+them with convert_official.py and keeps the converted encoder.pt in
+torch.hub.get_dir()/checkpoints/simclr/; later calls read that file.
+`python hubconf.py simclr_v2 r50_1x_sk0 --bucket pretrained` does the same and prints the file's
+path (for linear_eval.py --checkpoint-classifier).
+Docs: README "Official weights" and docs/official-checkpoints.md.
 """
 import argparse
 import glob

@@ -1,39 +1,20 @@
-"""Linear evaluation of a pretrained encoder (Chen et al. 2020, Sec. 4 and B.6).
+"""Linear evaluation of a pretrained encoder (Chen et al. 2020, Sec. 4 and B.6), and kNN.
 
-  python linear_eval.py runs/cifar10/encoder.pt
+  python linear_eval.py runs/cifar10/encoder.pt                     # the paper's protocol
+  python linear_eval.py runs/cifar10/encoder.pt --cached-features   # features computed once, plus kNN
   torchrun --nproc_per_node=8 linear_eval.py runs/imagenet/encoder.pt --data-dir /data/imagenet
 
-Reads encoder.pt or ckpt.pt from pretrain.py and rebuilds the encoder from it;
-the dataset, data folder and image size default to the pretraining ones.
+Reads encoder.pt or ckpt.pt and rebuilds the encoder from it; the dataset, data folder and image
+size default to the pretraining ones. The protocol: a linear classifier on the frozen encoder's
+features, SGD with Nesterov momentum, lr 0.1 x batch/256, cosine; imagefolder 90 epochs of batch
+4096, otherwise 100 of batch 512; random crop + flip for training images; the test set scored once,
+after the last epoch, every image counted once. --knn and --cached-features add weighted kNN
+(k = 200, t = 0.1); --cached-features trains on features of un-augmented images computed once
+(minutes instead of hours, no crop + flip). --checkpoint-classifier scores the classifier a
+converted official checkpoint carries. Ends with the line `top-1 accuracy: XX.XX%` and writes JSON
+next to the checkpoint.
 
-Protocol (defaults): a linear classifier on h = f(x), the frozen encoder's
-features; SGD with Nesterov momentum 0.9, lr 0.1 x batch/256, cosine decay per
-step; ImageNet (imagefolder): 90 epochs, batch 4096, weight decay 1e-6; other
-datasets: 100 epochs, batch 512, no weight decay. Training images get random
-crop + flip only; test images the evaluation transform (centre crop 87.5%, none
-at 32 px). Test accuracy is measured once, after the last epoch: no epoch is
-picked by test accuracy. Every test image is counted once, also under torchrun.
-
-Also reported with --cached-features or --knn: weighted kNN accuracy (k = 200,
-cosine, t = 0.1) on the features of un-augmented training images, which needs
-no training but one pass over the training set (--knn adds it to the paper
-protocol). --cached-features trains the classifier on those same features,
-computed once: minutes instead of hours, but without crop + flip augmentation.
---random-init evaluates a randomly initialised encoder of the same
-architecture: the baseline to beat. --max-images N runs on the first N images
-of each split: a quick end-to-end check before a long run.
-
---checkpoint-classifier trains nothing: it evaluates the classifier the
-checkpoint stores (convert_official.py keeps the official head_supervised) on
-the test split, in float32, reading h or the projection-head layer it was
-trained on. With a converted official checkpoint this reproduces the released
-top-1 on ImageNet val:
-
-  python linear_eval.py r50_1x.pt --dataset imagefolder --data-dir /data/imagenet --checkpoint-classifier
-
-Prints progress every --progress-every seconds, top-1 (and top-5 with at
-least 5 classes), writes JSON next to the checkpoint (with the seconds each
-phase took), and ends with the line `top-1 accuracy: XX.XX%`.
+Protocols, every flag, memory and time at ImageNet scale: docs/evaluation.md.
 """
 import argparse
 import json
@@ -47,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import flags
+import output
 from augment import EvalTransform
 from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first, resolve_amp, run, setup,
@@ -102,8 +85,15 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def resolve(args, settings):
-    """Fill the defaults that depend on the checkpoint and the dataset."""
+NUMBER_RANGES = {"epochs": "[1, inf)", "batch_size": "[1, inf)", "knn_k": "[1, inf)", "image_size": "[1, inf)",
+                 "synthetic_size": "[1, inf)", "workers": "[0, inf)", "max_images": "[1, inf)",
+                 "progress_every": "[0, inf)", "lr": "[0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
+                 "knn_temperature": "(0, inf)", "dist_timeout": "(0, inf)"}  # flags.check
+
+
+def resolve(args, settings, cifar_stem=False):
+    """Fill the defaults that depend on the checkpoint and the dataset; check the flags and that the
+    results file can be written (nothing is made yet)."""
     args.dataset, args.data_dir, args.image_size, args.synthetic_size = data.defaults_from_checkpoint(
         settings, args.dataset, args.data_dir, args.image_size, args.synthetic_size)
     imagenet = args.dataset == "imagefolder"
@@ -118,15 +108,15 @@ def resolve(args, settings):
         args.amp = "off" if args.checkpoint_classifier else "auto"  # float32, as the TF numbers being reproduced
     if args.checkpoint_classifier and (args.random_init or args.cached_features):
         fail("--checkpoint-classifier evaluates the stored classifier: it takes no --random-init or --cached-features")
-    if min(args.epochs, args.batch_size, args.knn_k, args.image_size) < 1 or args.workers < 0:
-        fail("--epochs, --batch-size, --knn-k and --image-size must be at least 1, --workers at least 0")
-    if (args.max_images is not None and args.max_images < 1) or args.progress_every < 0:
-        fail("--max-images must be at least 1 and --progress-every at least 0")
+    flags.check(fail, args, NUMBER_RANGES)
+    if flags.image_size_problem(args.image_size, cifar_stem):
+        fail(flags.image_size_problem(args.image_size, cifar_stem))
     if args.out is None:
         tags = ("checkpoint_classifier" if args.checkpoint_classifier else
                 "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else ""))
         tags += f"_first{args.max_images}" if args.max_images else ""  # a dry run keeps the real results
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.{tags}.json"
+    output.check_file(args.out, "--out", create_folder=False)
     return args
 
 
@@ -148,7 +138,18 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
     stored_classes = ckpt["classifier"]["weight"].shape[0]
     if classes > stored_classes:
         fail(f"the test split has {classes} classes, the stored classifier {stored_classes}")
-    loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False), strict=True),
+    train_dir, val_dir = os.path.join(args.data_dir, "train"), os.path.join(args.data_dir, "val")
+    if args.dataset == "imagefolder" and classes != stored_classes:  # labels by sorted class folder names
+        fail(f"{train_dir} has {classes} class folders but the stored classifier has {stored_classes} classes, so "
+             "the labels would not be the classifier's; use the dataset it was trained on" if os.path.isdir(train_dir)
+             else f"{val_dir} has {classes} class folders and no {train_dir} beside it, but the stored classifier has "
+             f"{stored_classes} classes: labels numbered by val/'s own folders would not be the classifier's. Add the "
+             "training split's class folders as train/CLASS (only their names are read), or give val/ every class")
+    if ctx.master:
+        output.check_file(args.out, "--out")
+    note = data.class_note(test_raw)
+    loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False), strict=True,
+                                                   hint=data.TEST_HINT),
                               args.batch_size // ctx.world, train=False, workers=args.workers, rank=ctx.rank,
                               world=ctx.world, pin_memory=ctx.cuda)
     k = ckpt["classifier"]["head_layer"]
@@ -157,6 +158,8 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
         print(f"encoder {encoder.config} with its stored classifier ({stored_classes} classes, reading "
               f"{f'projection-head layer {k}' if k else 'h'}); {args.dataset}: {len(test_raw)} test images; "
               f"processes {ctx.world}, device {ctx.device}", flush=True)
+        if note:
+            print(note, flush=True)
     t = time.time()
     if ctx.cuda:  # the official numbers are float32: no TF32 in the encoder's convolutions either
         torch.backends.cudnn.allow_tf32 = False
@@ -170,10 +173,12 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
         "top1": accs[0], "top5": accs[1] if len(accs) > 1 else None, "processes": ctx.world,
         "max_images": args.max_images, "phase_seconds": {"test": round(time.time() - t, 3)},
     }
+    if ctx.master:  # printed before the results file is written: a failed write loses nothing seen
+        print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else ""),
+              flush=True)
     write_results(results, args.out, ctx)
     if ctx.master:
-        print(f"stored classifier top-1 {accs[0]:.2f}%" + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "")
-              + f"; wrote {args.out}")
+        print(f"wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 
@@ -181,7 +186,7 @@ def main():
     args = get_args()
     encoder, ckpt = load_encoder(args.checkpoint)
     settings = pretrain_settings(ckpt)
-    args = resolve(args, settings)
+    args = resolve(args, settings, encoder.config["cifar_stem"])
     ctx = setup(args.batch_size, args.dist_timeout)
     args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)  # the encoder only runs forward here
     args.channels_last = args.channels_last and ctx.cuda
@@ -231,7 +236,11 @@ def build_data(args, ctx, encoder, settings):
     # a small dataset: the whole training set is the batch
     args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
     per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
-    if ctx.master:
+    if ctx.master:  # every input is checked: now the results folder is made
+        output.check_file(args.out, "--out")
+        class_note = data.class_note(test_raw)  # labels are numbered by the training split's classes
+        if class_note:
+            print(class_note, flush=True)
         if note:
             print(f"{note}, peak lr {peak_lr:.4g} = {args.lr} x {args.batch_size}/256", flush=True)
         print(json.dumps(vars(args), sort_keys=True), flush=True)
@@ -249,7 +258,9 @@ def feature_loader(job, raw, transform=None, train=False, strict=True):
     """This rank's loader of `raw` through `transform` (default: the evaluation transform)."""
     args, ctx = job.args, job.ctx
     transform = transform or EvalTransform(args.image_size, train=False)
-    return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict), job.per_rank,
+    return data.make_loader(data.SeededTransform(raw, transform, seed=args.seed, strict=strict,
+                                                 hint=data.TEST_HINT if raw is job.test_raw else data.TRAIN_HINT),
+                            job.per_rank,
                             train=train, workers=args.workers, rank=ctx.rank, world=ctx.world, seed=args.seed,
                             pin_memory=ctx.cuda)
 
@@ -348,14 +359,16 @@ def report(job, board, steps, accs, knn_top1, train_loss, train_acc, test_images
         "train_time_s": phases["train"], "phase_seconds": phases, "processes": ctx.world,
         "max_images": args.max_images,
     }
+    if ctx.master:  # printed before anything is written: a failed write loses nothing seen
+        print((f"kNN top-1 {knn_top1:.2f}%; " if knn_top1 is not None else "") + f"linear top-1 {accs[0]:.2f}%"
+              + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else ""), flush=True)
     write_results(results, args.out, ctx)
     board.add(steps, **{"linear/top1": accs[0], "linear/top5": results["top5"], "knn/top1": knn_top1})
     board.close()
     if ctx.master:
-        print((f"kNN top-1 {knn_top1:.2f}%; " if knn_top1 is not None else "") + f"linear top-1 {accs[0]:.2f}%"
-              + (f", top-5 {accs[1]:.2f}%" if len(accs) > 1 else "") + f"; wrote {args.out}")
+        print(f"wrote {args.out}")
         print(f"top-1 accuracy: {accs[0]:.2f}%", flush=True)
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text)
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text)

@@ -26,6 +26,7 @@ forward pass of compute.
 """
 import math
 import os
+import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -353,6 +354,17 @@ def build_encoder(arch="resnet50", width=1, cifar_stem=False, tf_same_pool=False
     return encoder
 
 
+def min_image_size(cifar_stem):
+    """The smallest image (px) on which the encoder still works as a ResNet: every stride-2 layer
+    halves a map of at least 2 px. Each halving (3x3 or 7x7 convolution, or max-pool, stride 2,
+    padded) takes s px to ceil(s / 2). The CIFAR stem keeps the resolution and the first block of
+    layers 2 and 3 halves it before layer 4 halves it once more: ceil(s / 4) >= 2 -> 5 px. The
+    ImageNet stem (7x7 convolution or ResNet-D's three 3x3, then max-pool) halves it twice first:
+    ceil(s / 16) >= 2 -> 17 px. Below that, layer 4 (and at smaller sizes layer 3 too) gets a 1x1
+    map: its 3x3 convolutions see one pixel among zero padding and its stride does nothing."""
+    return 2 ** (2 if cifar_stem else 4) + 1
+
+
 class ProjectionHead(nn.Module):
     """g(h): num_layers linear layers, 128-d output.
 
@@ -502,15 +514,52 @@ class SimCLR(nn.Module):
 #               and distill.py's resume states likewise (a Classifier's encoder.*, head.*, linear.*)
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file.
-    Tensors are saved on the CPU, so a plain torch.load reads the file on a machine without a GPU."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file, and a
+    failed write (disk full, read-only) raises its OSError, leaving path as it was and no temporary
+    file. Tensors are saved on the CPU, so a plain torch.load reads the file on a machine without a GPU."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(_on_cpu(obj), tmp)
+        with open(tmp, "wb") as f:
+            out = _WriteRecorder(f)
+            try:
+                torch.save(_on_cpu(obj), out)
+            except RuntimeError:
+                if out.error is not None:  # torch reports it as "unexpected pos N vs M"; the cause is the OSError
+                    raise out.error from None
+                raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class _WriteRecorder:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer swallows it
+    and fails later with a RuntimeError that names no cause ("unexpected pos")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in obj's dicts, lists and tuples: about the size torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _on_cpu(obj):
@@ -564,10 +613,14 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file
+        with warnings.catch_warnings():
+            # torch 2.1's weights_only loader reads a TypedStorage's dtype itself, which warns that
+            # TypedStorage is deprecated: torch's own access, nothing the caller can change
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file: torch's whole text, on one line
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"cannot read checkpoint {path} ({type(e).__name__}: {' '.join(str(e).split())}); "
             "the file is truncated, corrupt, or not a PyTorch checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

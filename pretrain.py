@@ -1,57 +1,48 @@
 """SimCLR pretraining (Chen et al. 2020): one process on GPU/CPU, or torchrun DDP.
 
-  python pretrain.py --dataset cifar10 --data-dir data
+  python pretrain.py --dataset cifar10 --data-dir data --arch resnet18 --batch-size 512 --epochs 1000
   torchrun --nproc_per_node=8 pretrain.py --dataset imagefolder --data-dir /data/imagenet --batch-size 4096
 
-Defaults are the paper's ImageNet run (ResNet-50, 224 px, batch 4096, 100 epochs,
-LARS, lr 0.3 x batch/256, 10 warmup epochs then per-step cosine, temperature 0.1,
-weight decay 1e-6). For CIFAR and any image size <= 32 px, unset flags take the
-official README's CIFAR recipe instead: CIFAR stem, colour strength 0.5, no blur,
-temperature 0.5, lr 1.0 x batch/256, weight decay 1e-4 (measured on Fashion-MNIST:
-README, Results). The resolved settings are printed at start.
+Defaults are the paper's ImageNet run (ResNet-50, 224 px, batch 4096, 100 epochs, LARS at lr
+0.3 x batch/256, temperature 0.1, weight decay 1e-6). For CIFAR and images <= 32 px, unset flags
+take the official README's CIFAR recipe: CIFAR stem, colour strength 0.5, no blur, temperature 0.5,
+lr 1.0 x batch/256, weight decay 1e-4. The resolved settings are printed at start. Writes
+OUT/ckpt.pt (for --resume), OUT/encoder.pt (for linear_eval.py, finetune.py, export.py) and
+OUT/log.jsonl at the end of every epoch, and when SIGTERM or SIGINT stops the run.
 
-Beyond the official recipe, and never a default: in short runs on small images (Fashion-MNIST,
-120 steps of batch 128; README, Results) a 4x higher lr (--lr 0.3 --lr-scaling sqrt),
---temperature 0.2 and --no-zero-init-residual each helped; together (two seeds) they beat
-lightly's SimCLR in kNN accuracy and came within the seed spread of it in linear accuracy.
---input-norm, --conv-init, --bn-per-view and --no-proj-out-bn give lightly's other choices;
-none of those that were run helped there on its own (--conv-init was not run).
+Exit status: 0 done, 2 bad input or an --out that cannot be written (read-only, full, a file in the
+way), 3 non-finite loss, 4 another process died, 5 out of memory, 128 + N stopped by signal N (saved;
+resume with --resume).
 
-Writes to --out at the end of every epoch, and when SIGTERM or SIGINT stops the
-run mid-epoch: ckpt.pt (full state for --resume), encoder.pt (encoder only, read
-by linear_eval.py and finetune.py); and one JSON line per epoch in log.jsonl (with --tensorboard
-also OUT/tensorboard). With --knn-every K (default 10; off for imagefolder, and for folder unless
---knn-data names a labelled folder) the encoder's weighted kNN accuracy on the labelled split is
-logged every K epochs.
-
-Exit status: 0 done, 2 bad input, 3 non-finite loss, 4 another process died,
-5 out of memory, 128 + N stopped by signal N (saved; resume with --resume).
+Every flag, the outputs and a healthy run: docs/pretraining.md. GPUs: docs/gpus.md. What the
+options beyond the official recipe did on Fashion-MNIST: docs/results.md.
 """
 import argparse
 import datetime
 import json
 import math
 import os
-import signal
 import sys
 import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 
 import data
+import flags
+import output
+import resume
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
 from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
-                         rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup, wrap_ddp)
+                         rank0_first, resolve_amp, run, setup, wrap_ddp)
 from features import extract_features, knn_accuracy
 from lars import LARS, gradients_finite, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
-from model import (CHECKPOINT_FORMAT, ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR,
-                   build_encoder, read_checkpoint, save_atomic, save_encoder, unwrap)
+from model import (ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
+                   save_encoder, tensor_bytes, unwrap)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -126,7 +117,7 @@ def get_args(argv=None):
                         "momentum SGD with weight decay on every parameter, as lightly's and most PyTorch ports' "
                         "CIFAR benchmarks (same learning-rate schedule and buffer convention, no trust ratio)")
     o.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature; default 0.1 (0.5 CIFAR recipe; 0.2 did better in short "
-                        "Fashion-MNIST runs, README Results)")
+                        "Fashion-MNIST runs, docs/results.md)")
     r = p.add_argument_group("run")
     r.add_argument("--out", default="runs/simclr", help="folder for ckpt.pt, encoder.pt and log.jsonl")
     r.add_argument("--resume", action="store_true",
@@ -190,25 +181,31 @@ def get_args(argv=None):
                 "DIR/train/CLASS/*, DIR/val/CLASS/*) or drop --knn-every")
     if args.workers is None:
         args.workers = data.default_workers()
-    for name in ("epochs", "batch_size", "image_size", "synthetic_size", "log_every") + (
-            ("max_images",) if args.max_images is not None else ()):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.temperature <= 0 or args.width <= 0:
-        p.error("--temperature and --width must be positive")
+    flags.check(p.error, args, NUMBER_RANGES)
+    if flags.image_size_problem(args.image_size, args.cifar_stem):
+        p.error(flags.image_size_problem(args.image_size, args.cifar_stem))
     if args.sk_ratio and not (0 < args.sk_ratio < 1 and args.arch in ("resnet50", "resnet101", "resnet152")):
         p.error(f"--sk-ratio {args.sk_ratio:g}: selective kernels need 0 < ratio < 1 (SimCLRv2: 0.0625) and a "
                 "bottleneck --arch (resnet50/101/152); the official code builds no SK ResNet-18/34")
     if args.compile and args.activation_checkpointing:  # dynamo cannot trace checkpoint's custom context_fn
         p.error("--compile and --activation-checkpointing cannot be combined (torch.compile does not trace the "
                 "recomputation's guard of the BN statistics); use one of them")
-    if args.workers < 0 or args.warmup_epochs < 0 or args.lr < 0 or args.weight_decay < 0:
-        p.error("--workers, --warmup-epochs, --lr and --weight-decay must not be negative")
     if args.warmup_epochs > args.epochs and os.environ.get("RANK", "0") == "0":  # once, from rank 0
         print(f"warning: --warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs}): "
               f"the learning rate stays below {args.epochs / args.warmup_epochs:.0%} of its peak; "
               "lower --warmup-epochs", file=sys.stderr, flush=True)
     return args
+
+
+# Every numeric flag's interval (flags.check); --sk-ratio has its own check in get_args.
+NUMBER_RANGES = {
+    "epochs": "[1, inf)", "batch_size": "[1, inf)", "image_size": "[1, inf)", "synthetic_size": "[1, inf)",
+    "log_every": "[1, inf)", "max_images": "[1, inf)", "workers": "[0, inf)", "width": "(0, inf)",
+    "proj_layers": "[1, inf)", "proj_hidden_dim": "[1, inf)", "proj_dim": "[1, inf)", "strength": "[0, inf)",
+    "lr": "[0, inf)", "warmup_epochs": "[0, inf)", "weight_decay": "[0, inf)", "momentum": "[0, 1)",
+    "eta": "(0, inf)", "temperature": "(0, inf)", "knn_every": "[0, inf)", "knn_k": "[1, inf)",
+    "knn_temperature": "(0, inf)", "dist_timeout": "(0, inf)",
+}
 
 
 def to_device_views(x1, x2, args, device, generator, seed):
@@ -306,7 +303,7 @@ def is_out_of_memory(e):
     return isinstance(e, OOM_ERRORS) or (isinstance(e, RuntimeError) and any(t in str(e) for t in OOM_TEXTS))
 
 
-def out_of_memory_text(args, ctx, per_rank, step, ckpt_path):
+def out_of_memory_text(args, ctx, per_rank, step, kept):
     if ctx.cuda:
         props = torch.cuda.get_device_properties(ctx.device)
         where = f"per GPU, on a {props.total_memory / 2**30:.1f} GiB {props.name}"
@@ -316,7 +313,7 @@ def out_of_memory_text(args, ctx, per_rank, step, ckpt_path):
     ways += [f"more GPUs for the same --batch-size {args.batch_size}",
              "a smaller --batch-size with --lr-scaling sqrt (the paper's choice for small batches)"]
     return (f"out of memory at step {step + 1}: {per_rank} images ({2 * per_rank} views) of {args.image_size} px "
-            f"{where}. Ways out: {'; '.join(ways)}. {ckpt_path} keeps the last saved state")
+            f"{where}. Ways out: {'; '.join(ways)}. On disk: {kept}")
 
 
 def main():
@@ -329,8 +326,8 @@ def main():
     args.distort_on = args.distort_on or ("device" if ctx.cuda else "workers")
     per_rank = args.batch_size // world
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
-    ckpt_path = prepare_out(args, master)
-    board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, master)  # rank 0 writes
+    ckpt_path = prepare_out(args, master)  # decides the resume; makes nothing yet
+    board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, master)  # rank 0 writes, from the first log line
     loader, views, knn = build_data(args, ctx, per_rank)  # make_loader checks /dev/shm for their batches
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
@@ -347,8 +344,10 @@ def main():
                      weight_decay=args.weight_decay, eta=args.eta,
                      trust_ratio=args.optimizer == "lars", exclude_1d=args.optimizer == "lars")
     scaler = grad_scaler(args.amp, device)  # fp16 only
-    start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master)
+    start_epoch, start_step, start_sums = (restore(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master)
                                            if args.resume else (0, 0, NO_SUMS))
+    if master:  # every input is checked: now --out is made
+        make_out(args, needed=checkpoint_bytes(args, model))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -360,7 +359,11 @@ def main():
         print_start(args, ctx, encoder, amp_text, views_text=str(views), peak_lr=peak_lr, per_rank=per_rank,
                     steps=(steps_per_epoch, total_steps, warmup_steps), start=(start_epoch, start_step), path=ckpt_path)
     job = SimpleNamespace(args=args, ctx=ctx, model=model, encoder=encoder, optimizer=optimizer, scaler=scaler,
-                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch, board=board)  # what the helpers below share
+                          peak_lr=peak_lr, ckpt_path=ckpt_path, steps_per_epoch=steps_per_epoch, board=board,
+                          saved=(start_epoch, start_step) if args.resume else None, dataset_size=len(loader.dataset))  # what the helpers below share
+    if master and start_epoch >= args.epochs and not os.path.exists(os.path.join(args.out, "encoder.pt")):
+        write_encoder(job, start_epoch, start_step)  # a finished run whose export was deleted
+        print(f"wrote {os.path.join(args.out, 'encoder.pt')} again from {ckpt_path}", flush=True)
     generator = torch.Generator()  # draws the device-side distortion parameters, seeded per (seed, step, rank)
     stop = StopRequest()
     nonfinite = torch.tensor([-1.0, 0.0], device=device)  # [step, loss] of the first non-finite loss
@@ -390,7 +393,7 @@ def main():
                     raise
                 # This rank alone may have run out, with the others inside a collective: every rank
                 # that runs out says so and exits without destroying the group; torchrun ends the rest.
-                fail(out_of_memory_text(args, ctx, per_rank, step, ckpt_path), code=OUT_OF_MEMORY,
+                fail(out_of_memory_text(args, ctx, per_rank, step, kept_text(job)), code=OUT_OF_MEMORY,
                      every_rank=ctx.ddp)
             sums[:2] += stats[:2]
             sums[3] += stats[2]  # steps skipped by fp16 loss scaling
@@ -417,26 +420,38 @@ def main():
 
         end_epoch(job, knn, epoch, sums, lr, time.time() - t_epoch, steps_done=steps_per_epoch - first)
         # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
-        if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
+        if resume.stop_agreed(stop, ctx) and epoch + 1 < args.epochs:
             stop_and_exit(job, stop, epoch + 1, 0, None)
 
 
 def prepare_out(args, master):
-    """The resume decision and the --out folder -> path of ckpt.pt."""
+    """The resume decision, and whether --out can be written, told without making anything: the
+    folder is made once every input is checked (make_out) -> path of ckpt.pt."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.auto_resume:
-        args.resume = os.path.exists(ckpt_path)
-    if args.resume and not os.path.exists(ckpt_path):
-        fail(f"--resume: nothing to resume, {ckpt_path} does not exist")
-    if not args.resume and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
-    if master and os.path.isdir(args.out):  # leftovers of a save that was killed: the real files are intact
-        for name in os.listdir(args.out):
-            if name.startswith(("ckpt.pt.tmp.", "encoder.pt.tmp.")):
-                os.remove(os.path.join(args.out, name))
-    if master:
-        os.makedirs(args.out, exist_ok=True)
+    args.resume = resume.prepare(ckpt_path, args.resume, args.auto_resume, master)
     return ckpt_path
+
+
+def checkpoint_bytes(args, model):
+    """About the bytes ckpt.pt and encoder.pt take: the model's tensors, and as many again for
+    the optimizer's momentum (ckpt.pt), and the model once more (encoder.pt, with the head)."""
+    return 3 * tensor_bytes(unwrap(model).state_dict())
+
+
+def make_out(args, needed):
+    """Rank 0 makes --out (a probe file written and removed there), removes what a killed save left,
+    and stops when the file system lacks the room for the checkpoints (`needed` bytes: both files
+    new; a resumed run replaces files that are there, so it needs the room of the largest)."""
+    resume.remove_leftovers(*(os.path.join(args.out, n) for n in ("ckpt.pt", "encoder.pt")))  # a killed save's
+    output.check_folder(args.out, "--out")
+    there = sum(os.path.getsize(os.path.join(args.out, n)) for n in ("ckpt.pt", "encoder.pt")
+                if os.path.isfile(os.path.join(args.out, n)))
+    needed = max(needed - there, 2 * needed // 3 if there else 0)
+    free = output.free_bytes(args.out)
+    if free is not None and free < needed:
+        raise output.WriteError(f"no space left on device for {args.out}: the checkpoints need about "
+                                f"{output.size_text(needed)}, {output.size_text(free)} free there; free some "
+                                "space or choose another --out")
 
 
 def build_data(args, ctx, per_rank):
@@ -447,64 +462,47 @@ def build_data(args, ctx, per_rank):
         return data.first_images(dataset, args.max_images)
 
     raw = rank0_first(ctx, lambda: build("pretrain"), data.DataError)  # rank 0 downloads first
+    if ctx.master:
+        print(data.describe(raw, args.dataset, args.data_dir, None), flush=True)
     if len(raw) < args.batch_size:
         fail(f"the dataset has {len(raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     views = SimCLRViews(args.image_size, strength=args.strength, blur=args.blur, crop_sampler=args.crop_sampler)
     # The workers make whole views, or only the uint8 crops when the device distorts the batch.
     train_set = data.SeededTransform(raw, views if args.distort_on == "workers" else views.crops, seed=args.seed,
-                                     strict=args.strict_data)
+                                     strict=args.strict_data, hint=data.TRAIN_HINT)
     loader = data.make_loader(train_set, per_rank, train=True, workers=args.workers,
                               rank=ctx.rank, world=ctx.world, seed=args.seed, pin_memory=ctx.cuda)
     knn = {"loaders": None}
     if args.knn_every:  # labelled train and test images, evaluation transform (no augmentation)
         labelled = rank0_first(ctx, lambda: (build("train"), build("test")), data.DataError)
         plain = EvalTransform(args.image_size, train=False)
-        knn["loaders"] = [data.make_loader(data.SeededTransform(d, plain, strict=strict), per_rank, train=False,
-                                           workers=args.workers, rank=ctx.rank, world=ctx.world, pin_memory=ctx.cuda)
-                          for d, strict in zip(labelled, (args.strict_data, True))]  # every test image counts
-        knn["classes"] = data.num_classes(labelled[0])
+        knn["loaders"] = [data.make_loader(data.SeededTransform(d, plain, strict=strict, hint=hint), per_rank,
+                                           train=False, workers=args.workers, rank=ctx.rank, world=ctx.world,
+                                           pin_memory=ctx.cuda)
+                          for d, strict, hint in zip(labelled, (args.strict_data, True), (data.TRAIN_HINT, data.TEST_HINT))]
+        knn["classes"] = data.num_classes(labelled[0])  # the test labels are numbered by the training classes
+        note = data.class_note(labelled[1])
+        if note and ctx.master:
+            print(note.replace("the test accuracy", "the kNN accuracy"), flush=True)
     return loader, views, knn
 
 
-def resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master):
-    """Load ckpt.pt into the model, optimizer and fp16 loss scaler -> (epoch, step in that epoch,
-    epoch sums so far). The checkpoint does not depend on --activation-checkpointing: resume
-    with or without it. A checkpoint without a scaler state (bf16 or float32 run, or written
-    before fp16 existed) resumes an fp16 run with a fresh scaler."""
-    ckpt = read_checkpoint(ckpt_path)
-    encoder = model.encoder
-    if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
-        fail(f"{ckpt_path} holds a {ckpt.get('encoder_config')} model, not the {encoder.config} "
-             "these flags ask for; resume with the original flags")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
-             "resume with the original flags")
-    start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
-    if start_step and ckpt.get("steps_per_epoch") != steps_per_epoch:
-        fail(f"{ckpt_path} stopped in the middle of an epoch of {ckpt.get('steps_per_epoch')} steps, but these "
-             f"flags make epochs of {steps_per_epoch}; resume with the original dataset and --batch-size")
-    if "rng" in ckpt:
-        restore_rng_states(ckpt["rng"])
-    changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
-               if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature", "strength",
-                        "blur", "image_size", "weight_decay", "crop_sampler", "optimizer") and ckpt["args"].get(k) != v}
-    if changed and master:
-        print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
-    if scaler is not None and not ckpt.get("scaler") and master:
-        print(f"note: {ckpt_path} holds no fp16 loss-scaler state; the scaler starts afresh", flush=True)
-    sums = list(ckpt.get("epoch_sums", [])) if start_step else []
+def restore(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master):
+    """Load ckpt.pt into the model, optimizer and fp16 loss scaler (resume.load_state) -> (epoch, step
+    in that epoch, epoch sums so far). The checkpoint does not depend on --activation-checkpointing:
+    resume with or without it."""
+    start_epoch, start_step, sums, _ = resume.load_state(
+        ckpt_path, model, optimizer, scaler, steps_per_epoch, args, model.encoder.config, master=master,
+        compared=("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature", "strength",
+                  "blur", "image_size", "weight_decay", "crop_sampler", "optimizer"))
     return start_epoch, start_step, sums + list(NO_SUMS[len(sums):])  # checkpoints before fp16 kept three
 
 
 def print_start(args, ctx, encoder, amp_text, views_text, peak_lr, per_rank, steps, start, path):
     steps_per_epoch, total_steps, warmup_steps = steps
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, device {ctx.device}"
-          f"{' (' + torch.cuda.get_device_name(ctx.device) + ')' if ctx.cuda else ''}, processes {ctx.world}", flush=True)
+          f"{' (' + torch.cuda.get_device_name(ctx.device) + ')' if ctx.cuda else f', {torch.get_num_threads()} CPU threads'}, "
+          f"processes {ctx.world}", flush=True)
     print(amp_text, flush=True)
     if ctx.ddp and not ctx.cuda:
         print("note: SyncBatchNorm needs CUDA; on CPU each process normalises over its own "
@@ -543,49 +541,44 @@ def check_in(job, stop, nonfinite, sums, unreadable):
     if bad_step >= 0:  # every rank holds the same record and stops together
         spe = job.steps_per_epoch
         fail(f"loss is {bad_loss} at step {int(bad_step) + 1} (epoch {int(bad_step) // spe + 1}, step "
-             f"{int(bad_step) % spe + 1}/{spe}); weights were not updated from that step on and "
-             f"{job.ckpt_path} keeps the last good epoch. Likely causes: learning rate too high "
+             f"{int(bad_step) % spe + 1}/{spe}); weights were not updated from that step on; "
+             f"{kept_text(job)}. Likely causes: learning rate too high "
              f"(peak {job.peak_lr:.3g}), temperature too low ({args.temperature}), "
              "or bad input data", code=3)
     return flags[0].item() > 0
 
 
 def save(job, epochs_done, step_in_epoch, sums):
-    """Rank 0 writes the resume state and the encoder export, each atomically."""
-    args, spe = job.args, job.steps_per_epoch
-    save_atomic({
-        "format": CHECKPOINT_FORMAT,
-        "encoder_config": dict(job.encoder.config),
-        "model": unwrap(job.model).state_dict(),
-        "optimizer": job.optimizer.state_dict(),
-        "epoch": epochs_done,               # complete epochs
-        "step_in_epoch": step_in_epoch,     # steps done in the next one (stopped mid-epoch)
-        "step": epochs_done * spe + step_in_epoch,  # the learning-rate schedule's position
-        "steps_per_epoch": spe,
-        "epoch_sums": sums,                 # loss, accuracy, unreadable images, overflow steps so far in that epoch
-        "scaler": job.scaler.state_dict() if job.scaler is not None else None,  # fp16 loss scaling
-        "rng": rng_states(),
-        "args": vars(args),
-    }, job.ckpt_path)
-    save_encoder(os.path.join(args.out, "encoder.pt"), job.encoder, head=unwrap(job.model).head, dataset=args.dataset,
-                 data_dir=args.data_dir, image_size=args.image_size, epoch=epochs_done,
-                 step_in_epoch=step_in_epoch, args=vars(args))
+    """Rank 0 writes the resume state (resume.save_state; the epoch sums are loss, accuracy,
+    unreadable images and fp16 overflow steps so far) and the encoder export, each atomically. A
+    write that fails stops the run with one line (output.WriteError) and leaves the files as they were."""
+    resume.save_state(job.ckpt_path, job.model, job.optimizer, job.scaler, epochs_done, step_in_epoch,
+                      job.steps_per_epoch, sums, job.args, kept=kept_text(job))
+    job.saved = (epochs_done, step_in_epoch)
+    write_encoder(job, epochs_done, step_in_epoch)
+
+
+def write_encoder(job, epochs_done, step_in_epoch):
+    """encoder.pt, the encoder-only export the evaluation scripts read."""
+    args, path = job.args, os.path.join(job.args.out, "encoder.pt")
+    with output.writing(path, "--out", needed=tensor_bytes(unwrap(job.model).state_dict()),
+                        after=f"; {kept_text(job)}"):
+        save_encoder(path, job.encoder, head=unwrap(job.model).head, dataset=args.dataset, data_dir=args.data_dir,
+                     image_size=args.image_size, epoch=epochs_done, step_in_epoch=step_in_epoch, args=vars(args))
+
+
+def kept_text(job):
+    """What --out holds for a resume, for an error line."""
+    return resume.kept_text(job.ckpt_path, job.saved)
 
 
 def stop_and_exit(job, stop, epoch, step_in_epoch, sums):
     """After a stop signal: save where the run stands (mid-epoch when sums are given), then exit."""
-    ctx, spe = job.ctx, job.steps_per_epoch
-    if ctx.master:
-        if sums is not None:
-            save(job, epoch, step_in_epoch, sums.tolist())
-        cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-        where = (f"after step {epoch * spe + step_in_epoch} (epoch {epoch + 1}, step {step_in_epoch}/{spe})"
-                 if sums is not None else f"after epoch {epoch}")
-        print(f"stopped by {cause} {where}; saved {job.ckpt_path}. Run the same command with --resume "
-              "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
-    if ctx.ddp:
-        dist.barrier()  # nobody exits before rank 0 has written the checkpoint
-    sys.exit(128 + (stop.signum or signal.SIGTERM))
+    spe = job.steps_per_epoch
+    where = (f"after step {epoch * spe + step_in_epoch} (epoch {epoch + 1}, step {step_in_epoch}/{spe})"
+             if sums is not None else f"after epoch {epoch}")
+    resume.stop_and_exit(job.ctx, stop, (lambda: save(job, epoch, step_in_epoch, sums.tolist())) if sums is not None
+                         else None, where, job.ckpt_path)
 
 
 def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
@@ -614,18 +607,27 @@ def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):
                   f"{len(train_y)} train / {len(test_y)} test images, {time.time() - t_knn:.1f}s)", flush=True)
     if ctx.master:
         save(job, epoch + 1, 0, list(NO_SUMS))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        output.append_line(os.path.join(args.out, "log.jsonl"), json.dumps(record))
         job.board.add(record["step"], **{"epoch/loss": mean_loss, "epoch/contrast_acc": mean_acc,
                                          "epoch/knn_top1": record.get("knn_top1"),
                                          "epoch/images_per_s": record["images_per_s"],
                                          "epoch/peak_gpu_memory_gib": record.get("peak_gpu_memory_gib")})
         print(f"epoch {epoch + 1} done in {epoch_time:.1f}s: loss {mean_loss:.4f} acc {mean_acc:.3f}"
-              f"{memory_text(ctx)}{f'; skipped {skipped} unreadable images' if skipped else ''}; "
-              f"saved {job.ckpt_path}", flush=True)
+              f"{memory_text(ctx)}{skipped_text(job, skipped)}; saved {job.ckpt_path}", flush=True)
+
+
+def skipped_text(job, skipped):
+    """The epoch line's count of unreadable images, and why it can change between epochs."""
+    if not skipped:
+        return ""
+    read = job.steps_per_epoch * job.args.batch_size
+    left = job.dataset_size - read
+    why = (f" (among the {read} images read this epoch; the {left} of its shuffled order that do not fill a "
+           "last batch are not read, so the count can differ between epochs)" if left else "")
+    return f"; skipped {skipped} unreadable images{why}"
 
 
 if __name__ == "__main__":
-    run(main, (data.DataError, CheckpointError), data.error_text,
+    run(main, (data.DataError, CheckpointError, output.WriteError), data.error_text,
         peer_hint="the checkpoint in --out holds the last completed epoch; find the first error above, fix it, "
                   "and run the same command with --resume")

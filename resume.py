@@ -2,7 +2,8 @@
 they write at the end of every epoch and when a stop signal ends a run mid-epoch, and what
 --resume reads back, so that the resumed run takes the very steps the uninterrupted one would.
 
-    resume = prepare(ckpt_path, args.resume, args.auto_resume, ctx.master)
+    resume = prepare(ckpt_path, args.resume, args.auto_resume, ctx.master)   # decides; makes nothing
+    remove_leftovers(ckpt_path, other_outputs)                               # once every input is checked
     epoch, step, sums, ckpt = load_state(ckpt_path, model, optimizer, scaler, steps_per_epoch, args,
                                          encoder.config, compared=("lr", "batch_size"))
     ... every few steps:  if stop_agreed(stop, ctx): stop_and_exit(ctx, stop, save_mid_epoch, where, ckpt_path)
@@ -10,9 +11,9 @@ they write at the end of every epoch and when a stop signal ends a run mid-epoch
 
 The state is a plain dict (torch.load(weights_only=True) reads it) written atomically: the model
 (unwrapped), optimizer, fp16 loss scaler, complete epochs, steps done in the next one, the epoch's
-running sums so far, the global random generators and the arguments. The data order and every
-augmentation are seeded by (seed, epoch, index) (data.SeededTransform), so skipping the steps
-already done is all a mid-epoch resume needs on the data side.
+running sums so far, the global random generators, the CPU thread count and the arguments. The
+data order and every augmentation are seeded by (seed, epoch, index) (data.SeededTransform), so
+skipping the steps already done is all a mid-epoch resume needs on the data side.
 """
 import os
 import signal
@@ -21,40 +22,59 @@ import sys
 import torch
 import torch.distributed as dist
 
+import output
 from distributed import all_sum, fail, restore_rng_states, rng_states
-from model import CHECKPOINT_FORMAT, read_checkpoint, save_atomic, unwrap
+from model import CHECKPOINT_FORMAT, read_checkpoint, save_atomic, tensor_bytes, unwrap
 
 # How often finetune.py and distill.py look for a stop signal under torchrun: every rank must stop
 # after the same step, which takes an all-reduce the host waits for (in one process: every step, free).
 STOP_CHECK_STEPS = 10
 
 
-def prepare(ckpt_path, resume, auto_resume, master, also=()):
+def prepare(ckpt_path, resume, auto_resume, master, flag="--out"):
     """The resume decision -> whether to resume from ckpt_path. One line when --resume finds nothing,
-    or when a state exists and --resume was not given (nothing is overwritten). Rank 0 removes the
-    leftovers of a save that was killed (ckpt_path.tmp.*, and those of the files in `also`): the
-    real files are intact."""
+    or when a state exists and --resume was not given (nothing is overwritten); rank 0 also checks,
+    without making anything, that the folder can be written (output.check_folder)."""
     if auto_resume:
         resume = os.path.exists(ckpt_path)
     if resume and not os.path.exists(ckpt_path):
         fail(f"--resume: nothing to resume, {ckpt_path} does not exist")
     if not resume and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
-    folder = os.path.dirname(os.path.abspath(ckpt_path))
-    if master and os.path.isdir(folder):
-        prefixes = tuple(f"{os.path.basename(p)}.tmp." for p in (ckpt_path, *also))
-        for name in os.listdir(folder):
-            if name.startswith(prefixes):
-                os.remove(os.path.join(folder, name))
+        fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another {flag}")
+    if master:
+        output.check_folder(os.path.dirname(os.path.abspath(ckpt_path)), flag, create=False)
     return resume
 
 
-def save_state(path, model, optimizer, scaler, epochs_done, step_in_epoch, steps_per_epoch, sums, args, **extra):
+def remove_leftovers(*paths):
+    """Remove what a save that was killed left beside these files (PATH.tmp.*): the files themselves
+    are intact. Rank 0 calls it once the run's inputs are checked and its folder is made."""
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        if os.path.isdir(folder):
+            for leftover in os.listdir(folder):
+                if leftover.startswith(f"{name}.tmp."):
+                    os.remove(os.path.join(folder, leftover))
+
+
+def kept_text(path, saved):
+    """What the folder holds for a resume, for an error line. saved: (complete epochs, steps of the
+    next one) of the last state written by this run or the one it resumed, or None."""
+    if saved is None:
+        return "no checkpoint was written yet"
+    epoch, step = saved
+    where = f"epoch {epoch}" + (f" and {step} steps of epoch {epoch + 1}" if step else "")
+    return f"{path} holds the run after {where} (--resume continues from there)"
+
+
+def save_state(path, model, optimizer, scaler, epochs_done, step_in_epoch, steps_per_epoch, sums, args,
+               kept=None, flag="--out", **extra):
     """Write the resume state atomically (rank 0 calls it). sums: the running sums of the epoch
-    stopped in (floats), [] at an epoch's end."""
+    stopped in (floats), [] at an epoch's end. A write that fails is one line (output.WriteError)
+    that ends with `kept` (kept_text: what is on disk instead) and leaves the file as it was."""
     model = unwrap(model)
     encoder = getattr(model, "encoder", model)
-    save_atomic({
+    state = {
         "format": CHECKPOINT_FORMAT,
         "encoder_config": dict(encoder.config),
         "model": model.state_dict(),
@@ -66,9 +86,12 @@ def save_state(path, model, optimizer, scaler, epochs_done, step_in_epoch, steps
         "epoch_sums": list(sums),
         "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scaling
         "rng": rng_states(),
+        "cpu_threads": torch.get_num_threads(),  # CPU sums depend on it (see load_state)
         "args": vars(args),
         **extra,
-    }, path)
+    }
+    with output.writing(path, flag, needed=tensor_bytes(state), after=f"; {kept}" if kept else ""):
+        save_atomic(state, path)
 
 
 def load_state(path, model, optimizer, scaler, steps_per_epoch, args, encoder_config, compared=(), master=True):
@@ -95,6 +118,12 @@ def load_state(path, model, optimizer, scaler, steps_per_epoch, args, encoder_co
              f"flags make epochs of {steps_per_epoch}; resume with the original dataset and --batch-size")
     if "rng" in ckpt:
         restore_rng_states(ckpt["rng"])
+    threads = ckpt.get("cpu_threads")
+    if master and threads and threads != torch.get_num_threads() and not torch.cuda.is_available():
+        print(f"note: {path} was written by a process with {threads} CPU thread{'s' * (threads > 1)}, this "
+              f"one has {torch.get_num_threads()}: the CPU kernels split their sums by thread, so the resumed run "
+              f"differs from an uninterrupted one in the last bits; with OMP_NUM_THREADS={threads} it is bitwise "
+              "the same", flush=True)
     saved = ckpt.get("args") or {}
     changed = {k: (saved.get(k), v) for k, v in vars(args).items() if k in compared and saved.get(k) != v}
     if changed and master:
@@ -125,8 +154,8 @@ def stop_and_exit(ctx, stop, save, where, path):
         if save is not None:
             save()
         cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-        print(f"stopped by {cause} {where}; saved {path}. Run the same command with --resume "
-              "to continue exactly from here", file=sys.stderr, flush=True)
+        print(f"stopped by {cause} {where}; saved {path}. Run the same command with --resume (or "
+              "--auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
     if ctx.ddp:
         dist.barrier()  # nobody exits before rank 0 has written the state
     sys.exit(128 + (stop.signum or signal.SIGTERM))

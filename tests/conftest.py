@@ -26,6 +26,14 @@ def child_env(cuda=False, **extra):
     return env
 
 
+def script_env(torchrun=0, cuda=False):
+    """Environment of a script under test: child_env with the CPU threads fixed (1 per process under
+    torchrun, else $OMP_NUM_THREADS or 2). Runs that are compared bitwise need the same count: the
+    CPU kernels split their sums by thread, so 1 and 2 threads differ in the last bits, and a
+    process started without OMP_NUM_THREADS takes as many as its CPU affinity allows."""
+    return child_env(cuda, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
     with socket.socket() as s:
@@ -33,18 +41,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_script(args, cwd, torchrun=0, timeout=600, cuda=False):
+def pinned(cpus):
+    """preexec_fn for subprocess: run the child on these CPUs only (as `taskset -c` or a scheduler
+    would), or None for no restriction."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def run_script(args, cwd, torchrun=0, timeout=600, cuda=False, cpus=None):
     """Run `python SCRIPT ARGS` (or torchrun with that many processes) -> CompletedProcess, on the
-    CPU unless cuda=True. One that has not exited after `timeout` seconds is killed with all its
-    processes and fails the test."""
-    env = child_env(cuda, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+    CPU unless cuda=True, pinned to the CPUs `cpus` when given. One that has not exited after
+    `timeout` seconds is killed with all its processes and fails the test."""
+    env = script_env(torchrun, cuda)
     script = os.path.join(ROOT, args[0])
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
     else:
         cmd = [sys.executable, script]
     proc = subprocess.Popen(cmd + [str(a) for a in args[1:]], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=pinned(cpus))
     out, err = communicate(proc, timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -398,8 +398,15 @@ IMAGE = 16  # px
 
 
 def fake_shm(monkeypatch, tmp_path, free):
-    monkeypatch.setattr(data, "SHM", str(tmp_path))
-    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=free, f_frsize=1))
+    """/dev/shm as tmp_path/shm with `free` bytes -> its path; every other path keeps its real file
+    system (the scripts also ask os.statvfs about their --out)."""
+    shm = tmp_path / "shm"
+    shm.mkdir(exist_ok=True)
+    monkeypatch.setattr(data, "SHM", str(shm))
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=free, f_frsize=1)
+                        if str(path) == str(shm) else real(path))
+    return shm
 
 
 def labelled_batch(batch, image_bytes):
@@ -471,7 +478,7 @@ def test_scripts_count_their_loaders_batches(monkeypatch, tmp_path, encoder_file
 
 @pytest.mark.parametrize("tool", ["bench.py", "tools/profile_step.py"])
 def test_bench_and_profile_step_check_shared_memory(monkeypatch, tmp_path, capsys, tool):
-    fake_shm(monkeypatch, tmp_path, 1000)  # bytes free: less than one batch (2 images x 2 views of 8 px, float32)
+    shm = fake_shm(monkeypatch, tmp_path, 1000)  # bytes free: less than one batch (2 images x 2 views of 8 px, float32)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     module = load_tool(os.path.join(ROOT, tool))
     flags = ["--device", "cpu", "--arch", "resnet18", "--image-size", "8", "--batch-size", "2", "--steps", "1",
@@ -482,4 +489,4 @@ def test_bench_and_profile_step_check_shared_memory(monkeypatch, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         module.main()
     text = str(e.value.code) + capsys.readouterr().out
-    assert f"{tmp_path} has 0 MiB free" in text and "--shm-size=" in text, text
+    assert f"{shm} has 0 MiB free" in text and "--shm-size=" in text, text

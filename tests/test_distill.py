@@ -246,7 +246,7 @@ def test_bad_input_is_one_clear_line(teacher_file, tmp_path, in_process, capsys)
         ([tmp_path / "encoder.pt"], "stores no classifier"),
         ([tmp_path / "five.pt"], "the teacher's classifier has 5 classes"),
         ([teacher_file, "--arch", "vgg16"], "argument --arch: invalid choice: 'vgg16'"),
-        ([teacher_file, "--temperature", "0"], "--temperature must be a positive number"),
+        ([teacher_file, "--temperature", "0"], "--temperature must be positive, not 0"),
         ([teacher_file, "--init", tmp_path / "encoder.pt", "--width", "0.5"], "--width 0.5 differs from the width"),
         ([teacher_file, "--dataset", "folder", "--data-dir", tmp_path, "--label-weight", "1"], "has no labels"),
         ([tmp_path / "missing.pt"], "does not exist"),
@@ -254,7 +254,7 @@ def test_bad_input_is_one_clear_line(teacher_file, tmp_path, in_process, capsys)
     for argv, text in cases:
         lines = one_line(capsys, lambda: in_process(distill, *argv, *FAST, "--out", tmp_path / "out"))
         assert len(lines) == 1 and text in lines[0], (argv, lines)
-    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    assert not os.path.exists(tmp_path / "out")  # refused before anything is made
 
 
 def test_big_to_small_and_from_an_encoder(teacher_file, tmp_path, in_process):

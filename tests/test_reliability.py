@@ -13,33 +13,38 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, child_env, communicate, run_script, wait_for_line
+from conftest import ROOT, TINY, child_env, communicate, pinned, run_script, script_env, wait_for_line
 from model import read_checkpoint
 
 SCRIPT = os.path.join(ROOT, "pretrain.py")
 
 
-def start(args, cwd, torchrun=0):
-    """Start pretrain.py in its own process group (so signals reach its workers as a scheduler's would)."""
-    env = child_env()
+def start(args, cwd, torchrun=0, cpus=None):
+    """Start pretrain.py in its own process group (so signals reach its workers as a scheduler's would),
+    pinned to the CPUs `cpus` when given."""
+    env = script_env(torchrun)  # the threads of run_script's runs: bitwise comparisons need the same count
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
                 if torchrun else [sys.executable])
-    if torchrun:
-        env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen(launcher + [SCRIPT, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=pinned(cpus))
 
 
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, signum, code):
-    straight = run_script(["pretrain.py", *TINY, "--epochs", "3", "--out", "straight"], tmp_path)
+ONE_CPU = {min(os.sched_getaffinity(0))}  # as `taskset -c N` or a scheduler that gives a job one core
+
+
+@pytest.mark.parametrize("signum,code,cpus", [(signal.SIGTERM, 143, None), (signal.SIGINT, 130, ONE_CPU)],
+                         ids=["SIGTERM", "SIGINT-one-CPU"])
+def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, signum, code, cpus):
+    """Every process of the comparison runs with the same CPU threads (script_env): the CPU sums split
+    by thread, so a stopped run with 1 thread and a straight one with 2 differ in the last bits."""
+    straight = run_script(["pretrain.py", *TINY, "--epochs", "3", "--out", "straight"], tmp_path, cpus=cpus)
     assert straight.returncode == 0, straight.stderr[-2000:]
     flags = [*TINY, "--epochs", "3", "--log-every", "1", "--workers", "2", "--out", "stopped"]
-    proc = start(flags, tmp_path)
+    proc = start(flags, tmp_path, cpus=cpus)
     wait_for_line(proc, "epoch 2/3 step 1/4")
     os.killpg(proc.pid, signum)  # the whole group: training process and data workers
     out, err = communicate(proc, 120)
@@ -50,9 +55,9 @@ def test_signal_stops_mid_epoch_and_resume_is_exact(tmp_path, signum, code):
     assert ckpt["epoch"] == 1 and 0 < ckpt["step_in_epoch"] < 4  # stopped in the middle of epoch 2
     assert ckpt["step"] == 4 + ckpt["step_in_epoch"] and len(ckpt["epoch_sums"]) == 4  # loss, accuracy, unreadable, overflows
     assert set(ckpt["rng"]) >= {"torch", "python"}
-    resumed = run_script(["pretrain.py", *flags, "--resume"], tmp_path)
+    resumed = run_script(["pretrain.py", *flags, "--resume"], tmp_path, cpus=cpus)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"at epoch 2, step {ckpt['step_in_epoch'] + 1}" in resumed.stdout
+    assert f"at epoch 2, step {ckpt['step_in_epoch'] + 1}" in resumed.stdout and "written by a process with" not in resumed.stdout
     a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "stopped" / "ckpt.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same steps, same views, same order
     log = [json.loads(line) for line in (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()]

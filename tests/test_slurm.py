@@ -86,8 +86,12 @@ def fake_slurm(tmp_path, python=None):
         (bin_dir / "python").write_text(python)
         (bin_dir / "python").chmod(0o755)
     else:
-        (bin_dir / "python").symlink_to(sys.executable)
-    env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM_LOG=str(log), OMP_NUM_THREADS="1",
+        # a wrapper, not a symbolic link: a link to a venv's python (itself a link to the base
+        # interpreter) starts the base interpreter without the venv's packages
+        (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / "python").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])  # torchrun too
+    env = child_env(PATH=path, FAKE_SLURM_LOG=str(log), OMP_NUM_THREADS="1",
                     SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="1",
                     SLURM_NTASKS="2", SLURM_CPUS_PER_TASK="1", MASTER_PORT=str(free_port()))
     return env, log
