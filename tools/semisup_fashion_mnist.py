@@ -22,7 +22,7 @@ the same networks trained from random weights on the same labels.
    trained from random weights on the labels alone (finetune.py --random-init, both recipes).
 5. Both networks trained from random weights on the labels alone with a from-scratch recipe (SUPERVISED:
    SGD, CIFAR's lr and weight decay, 100 / 200 epochs), the fine-tuning recipes' lr being far too low
-   for random weights.
+   for random weights; and, as a control, the pretrained network fine-tuned with that same recipe.
 
 Every command, its wall time and its test top-1 go to WORK/results.json and the table printed at the
 end; runs that finished are reused (their results file is there), so the command can be repeated.
@@ -128,10 +128,12 @@ def main():
             out = os.path.join(work, f"{name}.json")
             run(name, ["finetune.py", small, "--recipe", recipe, *ft, "--random-init", "--out", out, "--auto-resume"],
                 args, results, out)
-        for net, checkpoint in (("", encoder), ("_small", small)):  # the from-scratch recipe, both networks
-            name = f"supervised_{tag}{net}"
+        # the from-scratch recipe: both networks from random weights, and (a control) the pretrained one
+        for name, checkpoint, init in ((f"supervised_{tag}", encoder, ["--random-init"]),
+                                       (f"supervised_{tag}_small", small, ["--random-init"]),
+                                       (f"supervised_recipe_{tag}_pretrained", encoder, [])):
             out = os.path.join(work, f"{name}.json")
-            run(name, ["finetune.py", checkpoint, *SUPERVISED, *ft, "--epochs", supervised_epochs, "--random-init",
+            run(name, ["finetune.py", checkpoint, *SUPERVISED, *ft, "--epochs", supervised_epochs, *init,
                        "--out", out, "--auto-resume"], args, results, out)
         teacher = os.path.join(work, f"finetune_{tag}_v2.pt")
         for student, flags in (("self", []), ("self_init", ["--init", encoder]), ("small", ["--width", args.small_width])):
