@@ -4,6 +4,7 @@
     python linear_eval.py r50_1x.pt --dataset imagefolder --data-dir /data/imagenet --checkpoint-classifier
     python convert_official.py finetuned_10pct/r152_3x_sk1/model.ckpt-NNNN r152_3x_sk1_ft10.pt  # --head-layer 1 implied
     python convert_official.py my_run/model.ckpt-NNNN my_run.pt --ema  # a run that kept EMA copies of its weights
+    python convert_official.py distill_1pct/r152_3x_sk1/r152_3x_sk1 r152_3x_sk1_distill1.pt  # a distilled student
 
 Reads the `.index` + `.data-*` files of a checkpoint written by the official TF1 code
 (google-research/simclr, root folder), without TensorFlow: the v1 ResNet-50 1x/2x/4x, the v2
@@ -15,7 +16,9 @@ them, and every shape is checked against the rebuilt module. The encoder is rebu
 supervised head (as "classifier", reading h or projection-head layer 1) are carried over.
 
 The released models, the head layer each classifier reads, and equality with TF:
-docs/official-checkpoints.md.
+docs/official-checkpoints.md. The distilled students (distill_1pct / distill_10pct, folders
+TEACHER/STUDENT: the student's folder may be given) are read the same way; their classifier reads
+projection-head layer 1 when the checkpoint shows that layer trained, else h.
 """
 import argparse
 import glob
@@ -368,11 +371,35 @@ def default_head_layer(prefix):
     return 1 if "finetuned" in path and "finetuned_100pct" not in path else 0
 
 
+def distilled(prefix):
+    """Whether the path names one of the released distill_1pct / distill_10pct folders."""
+    return any(part.startswith("distill_") for part in os.path.abspath(prefix).split(os.sep))
+
+
+def distilled_head_layer(ckpt):
+    """The projection-head layer the classifier of a released distilled student reads -> (layer, why).
+
+    The official code has no distillation (a colab only) and records no ft_proj_selector, so the
+    checkpoint's own values decide: a student whose classifier read h never trained its projection
+    head (the official model builds the whole head anyway, for checkpoint compatibility), so the
+    first head layer's BN is still at its initial gamma = 1, beta = 0; a trained first layer was
+    in the student's path, as in the fine-tuned networks it learns from (layer 1)."""
+    gamma, beta = "head_contrastive/nl_0/batch_normalization/gamma", "head_contrastive/nl_0/batch_normalization/beta"
+    if gamma not in ckpt.shapes:
+        return 0, "no projection head"
+    untrained = np.all(ckpt.read(gamma) == 1) and (beta not in ckpt.shapes or np.all(ckpt.read(beta) == 0))
+    return (0, "its projection head was never trained (BN at gamma 1, beta 0)") if untrained else \
+        (1, "its first projection-head layer was trained")
+
+
 def convert(prefix, out, head_layer=None, ema=False, extra_meta=None):
     """Convert checkpoint `prefix` to encoder.pt `out`; returns a one-line summary.
     ema=True takes the trained variables from their ExponentialMovingAverage copies;
     extra_meta: entries added to (or replacing) the recorded meta, e.g. the source URL."""
     ckpt = TFCheckpoint(prefix)
+    why = None
+    if head_layer is None and distilled(prefix):
+        head_layer, why = distilled_head_layer(ckpt)
     if head_layer is None:
         head_layer = default_head_layer(prefix)
     config, head_config, classes, mapping = plan(ckpt.shapes, head_layer)
@@ -404,7 +431,8 @@ def convert(prefix, out, head_layer=None, ema=False, extra_meta=None):
              if not skipped(n) and n not in read and not (ema and f"{n}/ExponentialMovingAverage" in read)]
     return (f"{config['arch']} {config['width']}x ({encoder.feature_dim}-d features, config {config}); "
             + (f"projection head {head_config['num_layers']} layers; " if head else "no projection head; ")
-            + (f"classifier {classes} classes on head layer {head_layer}; " if classes else "no classifier; ")
+            + (f"classifier {classes} classes on head layer {head_layer}{f' ({why})' if why else ''}; "
+               if classes else "no classifier; ")
             + f"{len(mapping)} tensors converted{' (EMA copies of the trained ones)' if ema else ''}, "
             + f"{len(skipped_names)} optimizer/EMA/step entries skipped"
             + (f", {len(other)} others ignored ({', '.join(other[:3])})" if other else "") + f"; wrote {out}")
@@ -418,7 +446,8 @@ def get_args(argv=None):
     p.add_argument("--head-layer", type=int, default=None,
                    help="projection-head layer the stored classifier reads (official ft_proj_selector): 0 = h "
                         "(v1, v2 pretrained, supervised, finetuned_100pct), 1 = v2 finetuned_1pct/10pct (SimCLRv2 "
-                        "paper); default: 1 if the path names 'finetuned' but not 'finetuned_100pct', else 0")
+                        "paper); default: 1 if the path names 'finetuned' but not 'finetuned_100pct', else 0; "
+                        "distill_* students: 1 if their first head layer was trained, else 0")
     p.add_argument("--ema", action="store_true",
                    help="take every trained variable from its ExponentialMovingAverage copy (checkpoints of runs "
                         "that kept one); BN moving statistics as stored")
@@ -428,9 +457,17 @@ def get_args(argv=None):
 
 
 def resolve_prefix(path):
-    """Accept the prefix, its .index / .data-* file, or a folder with one checkpoint."""
+    """Accept the prefix, its .index / .data-* file, or a folder with one checkpoint (in it, or in
+    its only subfolder that holds one: the distill_* releases nest TEACHER/STUDENT folders)."""
     if os.path.isdir(path):
         found = sorted(glob.glob(os.path.join(path, "*.index")))
+        if not found:
+            below = sorted(glob.glob(os.path.join(path, "*", "*.index")))
+            folders = sorted({os.path.dirname(p) for p in below})
+            if len(folders) > 1:
+                raise ConvertError(f"{path} holds no checkpoint index, but its folders {', '.join(map(os.path.basename, folders))} "
+                                   "do; give one of them")
+            found = below
         if len(found) != 1:
             raise ConvertError(f"{path} holds {len(found)} checkpoint indexes; give the prefix (model.ckpt-NNNN)")
         path = found[0]

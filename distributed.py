@@ -371,9 +371,15 @@ class EpochSums:
         train_loss, train_acc = sums.end(ctx, epoch, args.epochs, lr, t_epoch, board, "linear")
     """
 
-    def __init__(self, device):
-        self.sums = torch.zeros(3, device=device)  # loss sum, correct, count
-        self.start = time.time()
+    def __init__(self, device, start=None, accuracy="train acc"):
+        """start: the sums so far of an epoch resumed in its middle (from `so_far`), on one rank only.
+        accuracy: what the share of argmax(logits) == y is called (distill.py: agreement with the teacher)."""
+        self.sums = torch.tensor(start if start else [0.0, 0.0, 0.0], device=device)  # loss sum, correct, count
+        self.start, self.accuracy = time.time(), accuracy
+
+    def so_far(self, ctx):
+        """The sums of all processes so far (an all-reduce under torchrun): what a mid-epoch stop saves."""
+        return all_sum(self.sums, ctx).tolist()
 
     def add(self, loss, logits, y):
         # the count made on the device: torch.tensor(n, device=...) is a copy the host waits for
@@ -388,9 +394,9 @@ class EpochSums:
         if not math.isfinite(loss):
             fail(f"{tag} loss is {loss} in epoch {epoch + 1}; lower --lr", code=3)
         if ctx.master:
-            print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} train acc {acc:.2f}% lr {lr:.4g} "
+            print(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} {self.accuracy} {acc:.2f}% lr {lr:.4g} "
                   f"({time.time() - self.start:.1f}s)", flush=True)
-        board.add(step, **{f"{tag}/train_loss": loss, f"{tag}/train_acc": acc, f"{tag}/lr": lr})
+        board.add(step, **{f"{tag}/train_loss": loss, f"{tag}/{self.accuracy.replace(' ', '_')}": acc, f"{tag}/lr": lr})
         return loss, acc
 
 

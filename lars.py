@@ -15,7 +15,12 @@ override this with its own "exclude_1d", "weight_decay" or "trust_ratio" keys.
 
     optimizer = LARS(model.parameters(), lr=4.8, weight_decay=1e-6)
     lr = warmup_cosine(step, total_steps, peak_lr=4.8, warmup_steps=10 * steps_per_epoch)
+
+Also the two optimizers of the fine-tuning stages (fine_tuning_optimizer): LARS with the
+official fine-tuning's exclusions, or Nesterov SGD (the SimCLR v1 paper's protocol); and
+scaled_step, their step under fp16 loss scaling that never makes the host wait.
 """
+import inspect
 import math
 
 import torch
@@ -151,3 +156,62 @@ def warmup_cosine(step, total_steps, peak_lr, warmup_steps=0):
         return peak_lr * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning (finetune.py, distill.py)
+
+def fine_tuning_optimizer(name, params, classifier_params, lr, momentum=0.9, weight_decay=0.0, eta=0.001,
+                          fused=False):
+    """The optimizer of a fine-tuning stage over `params` (the network) and `classifier_params`
+    (its linear classifier: weight, bias).
+
+    "lars": the official fine-tuning's LARS (model_util.get_optimizer: weight decay and the trust
+    ratio exclude 'batch_normalization', 'bias' and 'head_supervised'): every 1-D tensor and the
+    whole classifier take plain momentum steps; the classifier's weight still gets the weight decay
+    (the official code adds it to the loss instead, the same gradient). "sgd": torch's SGD with
+    Nesterov momentum and weight decay on every parameter (the v1 paper's fine-tuning); fused=True
+    takes the fused kernel (see fused_sgd_available)."""
+    network, classifier = [p for p in params if p.requires_grad], list(classifier_params)
+    if name == "lars":  # (no classifier_params: every tensor of 2 and more dimensions adapted, as the colab's)
+        groups = [{"params": network}] + ([{"params": classifier, "trust_ratio": False}] if classifier else [])
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta)
+    if name == "sgd":
+        return torch.optim.SGD(network + classifier, lr=lr, momentum=momentum, nesterov=True,
+                               weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    raise ValueError(f"unknown optimizer {name!r}; choose lars or sgd")
+
+
+def fused_sgd_available(device):
+    """Whether torch's fused SGD runs on `device` (torch >= 2.3 on CUDA, later also on the CPU):
+    under fp16 loss scaling it takes the scaler's overflow flag into its kernel, so GradScaler.step
+    skips an overflowed step on the device; with the plain SGD GradScaler.step waits for the host
+    every step (it reads found_inf with .item()). The same update, up to rounding."""
+    if "fused" not in inspect.signature(torch.optim.SGD).parameters:
+        return False
+    w = torch.zeros(1, device=device, requires_grad=True)
+    w.grad = torch.zeros_like(w)
+    try:  # tried: which devices have the fused kernel differs between versions
+        torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, fused=True).step()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def gradients_finite(optimizer):
+    """A 0-d bool tensor: whether every gradient is finite. The max-norm of a tensor is
+    finite exactly when all its elements are (it cannot overflow as a 2-norm could)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+
+
+def scaled_step(optimizer, scaler):
+    """The step after scaler.scale(loss).backward() (fp16 dynamic loss scaling): a step whose
+    gradients overflowed is skipped and the scale lowered. LARS skips it on the device (update=);
+    another optimizer goes through GradScaler.step, on the device too for torch's fused SGD."""
+    if isinstance(optimizer, LARS):
+        scaler.unscale_(optimizer)  # the gradients divided by the scale, in place
+        optimizer.step(update=gradients_finite(optimizer))  # the same on every rank: DDP averaged them
+    else:
+        scaler.step(optimizer)
+    scaler.update()

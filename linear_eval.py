@@ -36,7 +36,7 @@ from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first
                          wrap_ddp, write_results)
 from features import Progress, extract_features, feature_batches, knn_accuracy, to_device, topk_accuracy
 from lars import warmup_cosine
-from model import CheckpointError, build_encoder, load_encoder, load_head, pretrain_settings
+from model import CheckpointError, build_encoder, load_classifier, load_encoder, pretrain_settings
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -120,25 +120,18 @@ def resolve(args, settings, cifar_stem=False):
     return args
 
 
-def stored_classifier(args, ckpt):
-    """The checkpoint's classifier as a module h -> logits, with the projection-head
-    layers in front that it was trained on (head_layer k > 0: v2 fine-tuned models)."""
-    stored = ckpt.get("classifier")
-    if stored is None:
-        fail(f"{args.checkpoint} stores no classifier (convert_official.py keeps the official head_supervised); "
-             "drop --checkpoint-classifier to train one")
-    k = stored["head_layer"]
-    head = load_head(args.checkpoint, ckpt) if k else None
-    if k and head is None:
-        fail(f"{args.checkpoint}: its classifier reads projection-head layer {k}, but it stores no projection head")
-    linear = nn.Linear(stored["weight"].shape[1], stored["weight"].shape[0])
-    linear.load_state_dict({"weight": stored["weight"], "bias": stored["bias"]})
-    return nn.Sequential(head.first_layers(k), linear) if k else linear
+def stored_classifier(args, encoder, ckpt):
+    """The network of the checkpoint's classifier: the encoder, the projection-head layers the
+    classifier reads (head_layer k > 0: v2 fine-tuned models) and the linear layer."""
+    if ckpt.get("classifier") is None:
+        fail(f"{args.checkpoint} stores no classifier (convert_official.py keeps the official head_supervised, "
+             "finetune.py and distill.py save theirs); drop --checkpoint-classifier to train one")
+    return load_classifier(args.checkpoint, ckpt, encoder)
 
 
 def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
     """Top-1/top-5 of the stored classifier on the test split; no training."""
-    classifier = stored_classifier(args, ckpt)
+    net = stored_classifier(args, encoder, ckpt).to(ctx.device).eval()  # BN uses the stored statistics
     test_raw = rank0_first(ctx, lambda: data.first_images(data.build_dataset(
         args.dataset, args.data_dir, "test", args.image_size, args.synthetic_size), args.max_images), data.DataError)
     classes = data.num_classes(test_raw)
@@ -155,7 +148,6 @@ def evaluate_checkpoint_classifier(args, encoder, ckpt, ctx):
     if ctx.master:
         output.check_file(args.out, "--out")
     note = data.class_note(test_raw)
-    net = nn.Sequential(encoder, classifier).to(ctx.device).eval()  # BN uses the stored statistics
     loader = data.make_loader(data.SeededTransform(test_raw, EvalTransform(args.image_size, train=False), strict=True,
                                                    hint=data.TEST_HINT),
                               args.batch_size // ctx.world, train=False, workers=args.workers, rank=ctx.rank,

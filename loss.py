@@ -1,5 +1,6 @@
 """NT-Xent, the SimCLR contrastive loss (Chen et al. 2020, eq. 1 and Algorithm 1),
-in matrix form, with a cross-rank gather that carries gradients.
+in matrix form, with a cross-rank gather that carries gradients; and SimCLRv2's
+distillation loss (Chen et al. 2020b, Sec. 2.3), at the end.
 
 For a global batch of N images (2N views), anchor i with positive j scores
     l(i, j) = -log( exp(sim(z_i, z_j)/t) / sum_{k != i} exp(sim(z_i, z_k)/t) )
@@ -92,3 +93,32 @@ def nt_xent(z1, z2, temperature=0.1):
 def contrast_accuracy(logits, targets):
     """Share of anchors whose positive scores highest among its 2N - 1 candidates."""
     return (logits.argmax(dim=1) == targets).float().mean()
+
+
+def distillation_loss(student_logits, teacher_logits, temperature=1.0, labels=None, label_weight=0.0):
+    """SimCLRv2's distillation loss (Chen et al. 2020b, Sec. 2.3, eqs. 2 and 3), mean over the batch:
+
+        l_i = -sum_y P_T(y | x_i; t) log P_S(y | x_i; t)  +  label_weight * [x_i labelled] * -log P_S(y_i | x_i)
+
+    with P(y | x; t) = softmax(logits / t) over the classes, the teacher's fixed (no gradient).
+    Eq. 3 weighs the two sums (1 - a) and a: label_weight = (1 - a) / a gives the same loss up to
+    the factor a. The labelled term is the plain cross-entropy (t = 1); as in eq. 3 it is a sum over
+    the labelled images, so each counts in the batches it falls in, as every image does. Unlike the
+    official colab (Hinton et al.'s t^2 factor), nothing multiplies the first term: at t = 1 they agree.
+
+    student_logits, teacher_logits: (n, classes); labels: (n,) class indices, -1 where unknown.
+    Computed in float32 whatever the autocast; under DDP the mean over each rank's batch, averaged
+    by DDP's gradient averaging, is the mean over the global batch.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"student and teacher logits must both be (n, classes), got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student, teacher = student_logits.float(), teacher_logits.detach().float()
+        targets = F.softmax(teacher / temperature, dim=1)  # (n, C) soft labels
+        loss = -(targets * F.log_softmax(student / temperature, dim=1)).sum(dim=1)  # (n,)
+        if labels is not None and label_weight:
+            known = labels >= 0
+            labelled = F.cross_entropy(student, labels.clamp_min(0), reduction="none")  # (n,), 0 where unknown below
+            loss = loss + label_weight * labelled * known
+        return loss.mean()

@@ -14,6 +14,11 @@ stem and shortcuts (sk_ratio), and its ResNet-18/34 shortcuts (first_group_proje
     model = SimCLR(encoder, ProjectionHead(encoder.feature_dim))
     h, z = model(images)
 
+Classifier is a fine-tuned network (encoder, the first k projection-head layers, a linear
+layer: SimCLRv2's), saved and loaded with save_classifier / load_classifier. rescale_convs
+changes the scale of the BN-normalised kernels without changing the function (what a momentum
+optimizer's effective step depends on; conv_weight_scale measures it).
+
 With activation_checkpointing=True the encoder keeps only the input of the stem and
 of each residual block through the backward pass and recomputes the rest there: the
 same loss, gradients and BatchNorm statistics, in less memory, for about one more
@@ -402,6 +407,80 @@ class ProjectionHead(nn.Module):
         return self.net if k == self.config["num_layers"] else self.net[:3 * k]
 
 
+class Classifier(nn.Module):
+    """x -> class logits: an encoder, the first `head_layer` layers of a projection head, and a
+    linear layer (SimCLRv2 Sec. 2.2 fine-tunes from head layer 1; head_layer 0 reads h).
+
+    What finetune.py trains and saves, and distill.py's teacher and student. The whole head is
+    kept (so that save_encoder writes it as load_head reads it), but its layers past `head_layer`
+    take no part and are frozen (requires_grad False: DDP and the optimizers leave them out)."""
+
+    def __init__(self, encoder, linear, head=None, head_layer=0):
+        super().__init__()
+        if head_layer and head is None:
+            raise ValueError(f"head_layer {head_layer} needs a projection head")
+        self.encoder, self.head, self.linear, self.head_layer = encoder, head, linear, head_layer
+        if head is not None:
+            kept = {id(p) for p in head.first_layers(head_layer).parameters()} if head_layer else set()
+            for p in head.parameters():
+                if id(p) not in kept:
+                    p.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        if self.head_layer:
+            h = self.head.first_layers(self.head_layer)(h)
+        return self.linear(h)
+
+    @property
+    def classes(self):
+        return self.linear.out_features
+
+    def stored(self):
+        """The encoder.pt "classifier" entry: {"weight", "bias", "head_layer"}."""
+        return {"weight": self.linear.weight.detach(), "bias": self.linear.bias.detach(), "head_layer": self.head_layer}
+
+
+def scale_invariant_convs(encoder):
+    """[(conv, the BatchNorm right after it)] for every convolution of a ResNet encoder whose
+    output goes straight into a BN: all of them but the selective kernels' last attention conv."""
+    order = [m for m in encoder.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    unnormalised = {id(m.fc2) for m in encoder.modules() if isinstance(m, SelectiveKernel)}
+    pairs = []
+    for i, m in enumerate(order):
+        if isinstance(m, nn.Conv2d) and id(m) not in unnormalised:
+            pairs.append((m, next(b for b in order[i + 1:] if isinstance(b, nn.BatchNorm2d))))
+    return pairs
+
+
+def conv_weight_scale(encoder):
+    """The mean, over the BN-normalised convolutions, of |kernel| / the |kernel| that He
+    initialisation (fan_out, model.py's) gives on average: about 1 for a new encoder. The official
+    README (Known issues) measures SimCLRv1's ResNet-50 kernels 16.8x SimCLRv2's on average."""
+    ratios = []
+    for conv, _ in scale_invariant_convs(encoder):
+        w = conv.weight.detach().float()
+        fan_out = w.shape[0] * w[0, 0].numel()
+        ratios.append(w.norm().item() / math.sqrt(w.numel() * 2.0 / fan_out))
+    return sum(ratios) / len(ratios)
+
+
+@torch.no_grad()
+def rescale_convs(encoder, factor):
+    """Multiply every BN-normalised convolution kernel by `factor` and its BN's running mean by
+    `factor`, running variance by factor^2: the same function (BN normalises the scale away), with
+    weights of another scale; up to BN's epsilon, which now counts 1/factor^2 as much (it matters
+    only where a variance nears it: in train mode, the SK attention's BN on a few images). SGD's step on such a kernel changes its direction
+    by about lr / |w|^2, so this is what sets the effective learning rate of a momentum optimizer;
+    LARS scales its steps with |w| and is unaffected."""
+    for conv, bn in scale_invariant_convs(encoder):
+        conv.weight.mul_(factor)
+        if bn.running_mean is not None:
+            bn.running_mean.mul_(factor)
+            bn.running_var.mul_(factor * factor)
+    return encoder
+
+
 class SimCLR(nn.Module):
     """Encoder + projection head: x -> (h, z).
 
@@ -431,7 +510,8 @@ class SimCLR(nn.Module):
 #               "classifier": {"weight" (C, d), "bias" (C,), "head_layer": k}, a
 #               linear classifier reading the output of head layer k (0: h itself)
 #   ckpt.pt     pretrain.py's resume state; also carries "format",
-#               "encoder_config" and "model" (encoder.* and head.* weights)
+#               "encoder_config" and "model" (encoder.* and head.* weights); finetune.py's
+#               and distill.py's resume states likewise (a Classifier's encoder.*, head.*, linear.*)
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file, and a
@@ -574,7 +654,7 @@ def load_head(path, ckpt):
     weights), in train mode on the CPU, or None when it has none."""
     if "head" in ckpt:
         config, state = ckpt["head_config"], ckpt["head"]
-    elif "model" in ckpt and "args" in ckpt:
+    elif "model" in ckpt and "proj_layers" in (ckpt.get("args") or {}):  # pretrain.py's ckpt.pt
         args = ckpt["args"]
         state = {k[len("head."):]: v for k, v in ckpt["model"].items() if k.startswith("head.")}
         config = {"in_dim": state["net.0.weight"].shape[1], "hidden_dim": args["proj_hidden_dim"],
@@ -589,6 +669,40 @@ def load_head(path, ckpt):
         raise CheckpointError(f"{path}: projection head weights do not match {config}: "
                               f"{str(e).splitlines()[0]}") from None
     return head
+
+
+def save_classifier(path, classifier, **meta):
+    """Write a Classifier in the encoder.pt format: the encoder, the projection head (when it reads
+    one of its layers) and "classifier", as convert_official.py writes a fine-tuned official model."""
+    classifier = unwrap(classifier)
+    save_encoder(path, classifier.encoder, head=classifier.head if classifier.head_layer else None,
+                 classifier=classifier.stored(), **meta)
+
+
+def load_classifier(path, ckpt=None, encoder=None):
+    """The classifier a checkpoint stores ("classifier", written by finetune.py, distill.py and
+    convert_official.py) -> Classifier on the CPU, in train mode. encoder: the checkpoint's encoder
+    when already loaded (load_encoder). CheckpointError when it stores none or it does not fit."""
+    if encoder is None or ckpt is None:
+        encoder, ckpt = load_encoder(path)
+    stored = ckpt.get("classifier")
+    if stored is None:
+        raise CheckpointError(f"{path} stores no classifier, only an encoder: fine-tune one first "
+                              "(finetune.py writes its network with its classifier), or convert an official "
+                              "checkpoint that has one (finetuned_*, supervised, pretrained)")
+    k = stored.get("head_layer", 0)
+    head = load_head(path, ckpt) if k else None
+    if k and head is None:
+        raise CheckpointError(f"{path}: its classifier reads projection-head layer {k}, but it stores no projection head")
+    weight, bias = stored["weight"], stored["bias"]
+    dim = encoder.feature_dim if k == 0 else (head.config["out_dim"] if k == head.config["num_layers"]
+                                              else head.config["hidden_dim"])
+    if weight.dim() != 2 or weight.shape[1] != dim or bias.shape != weight.shape[:1]:
+        raise CheckpointError(f"{path}: its classifier has weight {tuple(weight.shape)} and bias {tuple(bias.shape)}, "
+                              f"but reads {dim}-d features (head layer {k})")
+    linear = nn.Linear(weight.shape[1], weight.shape[0])
+    linear.load_state_dict({"weight": weight, "bias": bias})
+    return Classifier(encoder, linear, head, k)
 
 
 def pretrain_settings(ckpt):

@@ -22,28 +22,27 @@ import datetime
 import json
 import math
 import os
-import signal
 import sys
 import time
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 
 import data
 import flags
 import output
+import resume
 from augment import CROP_SAMPLERS, EvalTransform, SimCLRViews, distort
 from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
-                         rank0_first, resolve_amp, restore_rng_states, rng_states, run, setup, wrap_ddp)
+                         rank0_first, resolve_amp, run, setup, wrap_ddp)
 from features import extract_features, knn_accuracy
-from lars import LARS, warmup_cosine
+from lars import LARS, gradients_finite, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
-from model import (CHECKPOINT_FORMAT, ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR,
-                   build_encoder, read_checkpoint, save_atomic, save_encoder, tensor_bytes, unwrap)
+from model import (ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
+                   save_encoder, tensor_bytes, unwrap)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -290,13 +289,6 @@ def train_step(model, optimizer, x, temperature, amp, ctx, nonfinite, step, scal
     return torch.cat([stats, overflow.view(1)]), nonfinite
 
 
-def gradients_finite(optimizer):
-    """A 0-d bool tensor: whether every gradient is finite. The max-norm of a tensor is
-    finite exactly when all its elements are (it cannot overflow as a 2-norm could)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
-
-
 def first_nonfinite(record, loss, step):
     """record = [step, loss] of the first non-finite loss so far ([-1, 0] while none), updated
     on the device: the host learns of it at the next log line, without waiting every step."""
@@ -359,7 +351,7 @@ def main():
                      weight_decay=args.weight_decay, eta=args.eta,
                      trust_ratio=args.optimizer == "lars", exclude_1d=args.optimizer == "lars")
     scaler = grad_scaler(args.amp, device)  # fp16 only
-    start_epoch, start_step, start_sums = (resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master)
+    start_epoch, start_step, start_sums = (restore(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master)
                                            if args.resume else (0, 0, NO_SUMS))
     if master:  # every input is checked: now --out is made
         make_out(args, needed=checkpoint_bytes(args, model))
@@ -435,7 +427,7 @@ def main():
 
         end_epoch(job, knn, epoch, sums, lr, time.time() - t_epoch, steps_done=steps_per_epoch - first)
         # A signal during the epoch's last step, its kNN or its save: agree on it, then stop.
-        if all_sum(torch.tensor([float(stop.signum)], device=device), ctx).item() > 0 and epoch + 1 < args.epochs:
+        if resume.stop_agreed(stop, ctx) and epoch + 1 < args.epochs:
             stop_and_exit(job, stop, epoch + 1, 0, None)
 
 
@@ -443,14 +435,7 @@ def prepare_out(args, master):
     """The resume decision, and whether --out can be written, told without making anything: the
     folder is made once every input is checked (make_out) -> path of ckpt.pt."""
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.auto_resume:
-        args.resume = os.path.exists(ckpt_path)
-    if args.resume and not os.path.exists(ckpt_path):
-        fail(f"--resume: nothing to resume, {ckpt_path} does not exist")
-    if not args.resume and os.path.exists(ckpt_path):
-        fail(f"{ckpt_path} already exists; pass --resume to continue that run, or choose another --out")
-    if master:
-        output.check_folder(args.out, "--out", create=False)
+    args.resume = resume.prepare(ckpt_path, args.resume, args.auto_resume, master)
     return ckpt_path
 
 
@@ -464,10 +449,7 @@ def make_out(args, needed):
     """Rank 0 makes --out (a probe file written and removed there), removes what a killed save left,
     and stops when the file system lacks the room for the checkpoints (`needed` bytes: both files
     new; a resumed run replaces files that are there, so it needs the room of the largest)."""
-    if os.path.isdir(args.out):  # leftovers of a save that was killed: the real files are intact
-        for name in os.listdir(args.out):
-            if name.startswith(("ckpt.pt.tmp.", "encoder.pt.tmp.")):
-                os.remove(os.path.join(args.out, name))
+    resume.remove_leftovers(*(os.path.join(args.out, n) for n in ("ckpt.pt", "encoder.pt")))  # a killed save's
     output.check_folder(args.out, "--out")
     there = sum(os.path.getsize(os.path.join(args.out, n)) for n in ("ckpt.pt", "encoder.pt")
                 if os.path.isfile(os.path.join(args.out, n)))
@@ -515,46 +497,15 @@ def build_data(args, ctx, per_rank):
     return loader, views, knn
 
 
-def resume(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master):
-    """Load ckpt.pt into the model, optimizer and fp16 loss scaler -> (epoch, step in that epoch,
-    epoch sums so far). The checkpoint does not depend on --activation-checkpointing: resume
-    with or without it. A checkpoint without a scaler state (bf16 or float32 run, or written
-    before fp16 existed) resumes an fp16 run with a fresh scaler."""
-    ckpt = read_checkpoint(ckpt_path)
-    encoder = model.encoder
-    if ckpt.get("encoder_config") != encoder.config or "model" not in ckpt:
-        fail(f"{ckpt_path} holds a {ckpt.get('encoder_config')} model, not the {encoder.config} "
-             "these flags ask for; resume with the original flags")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"{ckpt_path} does not fit the model these flags build ({' '.join(str(e).split())[:240]}); "
-             "resume with the original flags")
-    start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
-    if start_step and ckpt.get("steps_per_epoch") != steps_per_epoch:
-        fail(f"{ckpt_path} stopped in the middle of an epoch of {ckpt.get('steps_per_epoch')} steps, but these "
-             f"flags make epochs of {steps_per_epoch}; resume with the original dataset and --batch-size")
-    if "rng" in ckpt:
-        restore_rng_states(ckpt["rng"])
-    threads = ckpt.get("cpu_threads")
-    if master and threads and threads != torch.get_num_threads() and not torch.cuda.is_available():
-        print(f"note: {ckpt_path} was written by a process with {threads} CPU thread{'s' * (threads > 1)}, this "
-              f"one has {torch.get_num_threads()}: the CPU kernels split their sums by thread, so the resumed run "
-              f"differs from an uninterrupted one in the last bits; with OMP_NUM_THREADS={threads} it is bitwise "
-              "the same", flush=True)
-    before = {"scaled_decode": False, **ckpt["args"]}  # a checkpoint without it decoded every JPEG at full size
-    changed = {k: (before.get(k), v) for k, v in vars(args).items()
-               if k in ("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature", "strength",
-                        "blur", "image_size", "weight_decay", "crop_sampler", "optimizer", "scaled_decode")
-               and before.get(k) != v}
-    if changed and master:
-        print(f"warning: resuming with changed settings (checkpoint -> now): {changed}", flush=True)
-    if scaler is not None and not ckpt.get("scaler") and master:
-        print(f"note: {ckpt_path} holds no fp16 loss-scaler state; the scaler starts afresh", flush=True)
-    sums = list(ckpt.get("epoch_sums", [])) if start_step else []
+def restore(args, ckpt_path, model, optimizer, scaler, steps_per_epoch, master):
+    """Load ckpt.pt into the model, optimizer and fp16 loss scaler (resume.load_state) -> (epoch, step
+    in that epoch, epoch sums so far). The checkpoint does not depend on --activation-checkpointing:
+    resume with or without it."""
+    start_epoch, start_step, sums, _ = resume.load_state(
+        ckpt_path, model, optimizer, scaler, steps_per_epoch, args, model.encoder.config, master=master,
+        compared=("dataset", "batch_size", "epochs", "lr", "lr_scaling", "warmup_epochs", "temperature", "strength",
+                  "blur", "image_size", "weight_decay", "crop_sampler", "optimizer", "scaled_decode"),
+        saved_defaults={"scaled_decode": False})  # a checkpoint without it decoded every JPEG at full size
     return start_epoch, start_step, sums + list(NO_SUMS[len(sums):])  # checkpoints before fp16 kept three
 
 
@@ -609,26 +560,11 @@ def check_in(job, stop, nonfinite, sums, unreadable):
 
 
 def save(job, epochs_done, step_in_epoch, sums):
-    """Rank 0 writes the resume state and the encoder export, each atomically. A write that fails
-    stops the run with one line (output.WriteError) and leaves the files as they were."""
-    args, spe = job.args, job.steps_per_epoch
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "encoder_config": dict(job.encoder.config),
-        "model": unwrap(job.model).state_dict(),
-        "optimizer": job.optimizer.state_dict(),
-        "epoch": epochs_done,               # complete epochs
-        "step_in_epoch": step_in_epoch,     # steps done in the next one (stopped mid-epoch)
-        "step": epochs_done * spe + step_in_epoch,  # the learning-rate schedule's position
-        "steps_per_epoch": spe,
-        "epoch_sums": sums,                 # loss, accuracy, unreadable images, overflow steps so far in that epoch
-        "scaler": job.scaler.state_dict() if job.scaler is not None else None,  # fp16 loss scaling
-        "rng": rng_states(),
-        "cpu_threads": torch.get_num_threads(),  # CPU sums depend on it (see resume)
-        "args": vars(args),
-    }
-    with output.writing(job.ckpt_path, "--out", needed=tensor_bytes(state), after=f"; {kept_text(job)}"):
-        save_atomic(state, job.ckpt_path)
+    """Rank 0 writes the resume state (resume.save_state; the epoch sums are loss, accuracy,
+    unreadable images and fp16 overflow steps so far) and the encoder export, each atomically. A
+    write that fails stops the run with one line (output.WriteError) and leaves the files as they were."""
+    resume.save_state(job.ckpt_path, job.model, job.optimizer, job.scaler, epochs_done, step_in_epoch,
+                      job.steps_per_epoch, sums, job.args, kept=kept_text(job))
     job.saved = (epochs_done, step_in_epoch)
     write_encoder(job, epochs_done, step_in_epoch)
 
@@ -644,27 +580,16 @@ def write_encoder(job, epochs_done, step_in_epoch):
 
 def kept_text(job):
     """What --out holds for a resume, for an error line."""
-    if job.saved is None:
-        return "no checkpoint was written yet"
-    epoch, step = job.saved
-    where = f"epoch {epoch}" + (f" and {step} steps of epoch {epoch + 1}" if step else "")
-    return f"{job.ckpt_path} holds the run after {where} (--resume continues from there)"
+    return resume.kept_text(job.ckpt_path, job.saved)
 
 
 def stop_and_exit(job, stop, epoch, step_in_epoch, sums):
     """After a stop signal: save where the run stands (mid-epoch when sums are given), then exit."""
-    ctx, spe = job.ctx, job.steps_per_epoch
-    if ctx.master:
-        if sums is not None:
-            save(job, epoch, step_in_epoch, sums.tolist())
-        cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-        where = (f"after step {epoch * spe + step_in_epoch} (epoch {epoch + 1}, step {step_in_epoch}/{spe})"
-                 if sums is not None else f"after epoch {epoch}")
-        print(f"stopped by {cause} {where}; saved {job.ckpt_path}. Run the same command with --resume "
-              "(or --auto-resume) to continue exactly from here", file=sys.stderr, flush=True)
-    if ctx.ddp:
-        dist.barrier()  # nobody exits before rank 0 has written the checkpoint
-    sys.exit(128 + (stop.signum or signal.SIGTERM))
+    spe = job.steps_per_epoch
+    where = (f"after step {epoch * spe + step_in_epoch} (epoch {epoch + 1}, step {step_in_epoch}/{spe})"
+             if sums is not None else f"after epoch {epoch}")
+    resume.stop_and_exit(job.ctx, stop, (lambda: save(job, epoch, step_in_epoch, sums.tolist())) if sums is not None
+                         else None, where, job.ckpt_path)
 
 
 def end_epoch(job, knn, epoch, sums, lr, epoch_time, steps_done):

@@ -131,3 +131,19 @@ def run(tmp_path):
             raise AssertionError(f"{args} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
     return _run
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run a script's main() in this process, on the CPU: in_process(module, *argv). The test's own
+    signal handlers come back after it (the training scripts install their stop handlers)."""
+    import torch
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def call(module, *argv):
+        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+        return module.main()
+    yield call
+    for s, h in handlers.items():
+        signal.signal(s, h)

@@ -3,6 +3,7 @@ SimCLR code (narrow ResNet-50 with the v2 heads) and TensorFlow's own outputs on
 the variable lists of the released layouts at full size. No TensorFlow needed here:
 tests/fixtures/make_official_fixture.py made the files."""
 import functools
+import glob
 import gzip
 import json
 import math
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from convert_official import ConvertError, TFCheckpoint, convert, default_head_layer, plan
+from convert_official import (ConvertError, TFCheckpoint, convert, default_head_layer, distilled_head_layer, plan,
+                              resolve_prefix)
 from model import build_encoder, load_encoder, load_head
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_r50_w0125", "model.ckpt-0")
@@ -317,13 +319,17 @@ def test_linear_eval_scores_the_stored_classifier_without_training(converted, tm
 
 def test_finetune_from_the_first_head_layer(converted, tmp_path):
     import finetune
+    from model import Classifier
     args = finetune.get_args([str(converted / "h.pt"), "--from-head-layer", "1"])
     encoder, ckpt = load_encoder(converted / "h.pt")
-    trunk, dim = finetune.head_layers(args, encoder, finetune.kept_head(args, ckpt))
     head = load_head(converted / "h.pt", ckpt)
-    assert dim == 256 and trunk[0] is encoder
-    assert [type(m) for m in trunk[1]] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
-    assert torch.equal(trunk[1][0].weight, head.net[0].weight)  # kept from the checkpoint, trained with the rest
+    kept = finetune.kept_head(args, head)
+    assert kept is head  # kept from the checkpoint, trained with the rest
+    net = Classifier(encoder, torch.nn.Linear(256, 10), kept, 1)
+    assert [type(m) for m in head.first_layers(1)] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert {"head.net.0.weight", "head.net.1.weight", "head.net.1.bias"} <= trained
+    assert not any(n.startswith(("head.net.3", "head.net.4", "head.net.6", "head.net.7")) for n in trained)  # layers 2, 3
     result = run_script(["finetune.py", converted / "h.pt", *SYNTHETIC, "--label-fraction", "0.5", "--epochs", "1",
                          "--from-head-layer", "1", "--out", "f.json"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -344,3 +350,61 @@ def test_missing_classifier_or_head_is_one_clear_line(converted, tmp_path, scrip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if f"{script}: error:" in line]
     assert len(errors) == 1 and text in errors[0], result.stderr
+
+
+# ----------------------------------------------------------------------------
+# The released distilled students: distill_1pct/TEACHER/STUDENT/model.ckpt-N, the official layout
+
+def distill_release(root, students=("r50_1x_sk0", "r152_3x_sk1")):
+    """The fixture checkpoint laid out as the distill_1pct release nests it: distill_1pct/r152_3x_sk1/STUDENT/."""
+    for student in students:
+        folder = root / "distill_1pct" / "r152_3x_sk1" / student
+        folder.mkdir(parents=True)
+        for path in glob.glob(FIXTURE + ".*"):
+            if not path.endswith(".npz"):
+                os.symlink(path, folder / os.path.basename(path))
+    return root / "distill_1pct" / "r152_3x_sk1"
+
+
+def test_distilled_student_folders_and_the_head_layer_they_show(tmp_path, tf_outputs):
+    teacher_folder = distill_release(tmp_path)
+    with pytest.raises(ConvertError, match="its folders r152_3x_sk1, r50_1x_sk0 do; give one of them"):
+        resolve_prefix(str(teacher_folder))
+    prefix = resolve_prefix(str(teacher_folder / "r152_3x_sk1"))  # the self-distilled one, by its folder
+    assert prefix == str(teacher_folder / "r152_3x_sk1" / "model.ckpt-0")
+    summary = convert(prefix, tmp_path / "student.pt")  # the fixture's head has trained (random) values
+    assert "classifier 10 classes on head layer 1 (its first projection-head layer was trained)" in summary
+    ours = torch_outputs(tmp_path / "student.pt", tf_outputs["images_nhwc"])
+    ref = tf_outputs["logits_from_1"]
+    assert max_diff(ours["logits"], ref) < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_a_student_whose_head_never_trained_reads_h(tmp_path, tf_outputs, monkeypatch):
+    """The official model builds the whole projection head even when the classifier reads h; a student
+    trained that way keeps the head's BN at its initial gamma 1, beta 0."""
+    prefix = str(distill_release(tmp_path, ("r50_1x_sk0",)) / "r50_1x_sk0" / "model.ckpt-0")
+    read = TFCheckpoint.read
+
+    def untrained(self, name):
+        value = read(self, name)
+        if name.startswith("head_contrastive/") and name.endswith(("/gamma", "/beta")):
+            return np.full_like(value, 1.0 if name.endswith("gamma") else 0.0)
+        return value
+    monkeypatch.setattr(TFCheckpoint, "read", untrained)
+    summary = convert(prefix, tmp_path / "student.pt")
+    assert "on head layer 0 (its projection head was never trained (BN at gamma 1, beta 0))" in summary
+    ours = torch_outputs(tmp_path / "student.pt", tf_outputs["images_nhwc"])
+    ref = tf_outputs["logits_from_0"]  # reads h: the head's values do not enter
+    assert max_diff(ours["logits"], ref) < 1e-5 * max(1.0, np.abs(ref).max())
+    assert convert(prefix, tmp_path / "forced.pt", head_layer=1).count("head layer 1;") == 1  # --head-layer decides
+
+
+def test_a_student_without_projection_head_reads_h():
+    shapes = {n: s for n, s in manifests()["v2_r50_1x_sk0"].items() if not n.startswith("head_contrastive/")}
+
+    class Shapes:
+        def __init__(self):
+            self.shapes = shapes
+    assert distilled_head_layer(Shapes()) == (0, "no projection head")
+    config, head_config, classes, _ = plan(shapes, head_layer=0)
+    assert head_config is None and classes == 1000

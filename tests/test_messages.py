@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import export
 import finetune
 import flags
