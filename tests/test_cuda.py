@@ -4,7 +4,8 @@ synchronisation into an exception); the device distortion gives the CPU's views;
 keeps the loss float32; SyncBatchNorm's kernels; two processes on one GPU against one process
 on the global batch (SyncBatchNorm's statistics, the loss's cross-rank gather, DDP);
 pretrain.py under torchrun with NCCL, resumed on the GPU; the evaluation scripts and bench.py
-on the GPU; DDP on the GPU a process sees when LOCAL_RANK counts further.
+on the GPU; DDP on the GPU a process sees when LOCAL_RANK counts further; finetune.py's v2 recipe
+stopped and resumed.
 
 bf16 tests skip below compute capability 8.0 (V100, T4, RTX 20xx), with the reason: there
 --amp auto picks fp16, and each has an fp16 variant that runs on every GPU."""
@@ -12,6 +13,8 @@ import argparse
 import importlib
 import json
 import math
+import os
+import signal
 import sys
 import warnings
 
@@ -380,3 +383,104 @@ def test_two_processes_on_one_gpu_match_one_process_on_the_global_batch(tmp_path
     worst = max(((local_grads[k] - g).norm() / g.norm()).item() for k, g in grads.items())
     assert worst > 1e-2, worst
     assert max((local_stats[k] - v).abs().max().item() for k, v in stats.items() if "running_" in k) > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# SimCLRv2's fine-tuning and distillation, and photos decoded at reduced scale, on the GPU.
+# Each test's body is a function of `cuda`: with cuda=False it runs the very same commands on the CPU
+# with the GPU hidden (how they were checked on a machine without one); the device the output names
+# is the only other difference. Expected times are estimates for an H200 (nothing here has run on one).
+
+def device_name(cuda):
+    return "cuda:0" if cuda else "cpu"
+
+
+def one_image(results):
+    """A top-1 in percent may move by one test image between two processes on the GPU: cuDNN picks its
+    algorithms per process (benchmark mode) and their bf16/fp16 rounding can turn a near tie."""
+    return 100 / results["test_images"] + 1e-9
+
+
+def call_main(monkeypatch, module, *argv):
+    """module.main() in this process, as `python MODULE.py ARGV` runs it (on the GPU when there is one);
+    the stop handlers the training scripts install are undone after it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    try:
+        return module.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def v2_checkpoint(tmp_path_factory):
+    """An encoder.pt with a three-layer projection head (pretrain.py --proj-layers 3), random weights, 16 px
+    synthetic images: finetune.py picks the v2 recipe for it."""
+    from test_finetune import checkpoint
+    return checkpoint(tmp_path_factory.mktemp("v2") / "encoder.pt", head_layers=3)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_finetune_v2_recipe_stops_and_resumes_on_the_gpu(v2_checkpoint, tmp_path, monkeypatch, capsys, amp):
+    skip_bf16_below_ampere(amp)
+    finetune_v2_resumed(v2_checkpoint, tmp_path, monkeypatch, capsys, amp, cuda=True)
+
+
+def finetune_v2_resumed(checkpoint, tmp_path, monkeypatch, capsys, amp, cuda):
+    """finetune.py with the v2 recipe it picks for a three-layer head (LARS with the official exclusions,
+    sqrt scaling, from head layer 1) under autocast: 2 epochs of 4 steps straight, and stopped by SIGTERM
+    after step 2, then --resume. The resumed NAME.pt holds the straight run's network, and its training loss,
+    as closely as test_resume_on_the_gpu asks of pretraining (cuDNN is not bitwise reproducible); NAME.pt and
+    NAME.ckpt.pt are read on the CPU; linear_eval.py --checkpoint-classifier scores each NAME.pt to its
+    run's top-1 (within one test image). fp16: the loss scaler's state is in NAME.ckpt.pt. ~10 s on an H200."""
+    import finetune
+    import linear_eval
+    flags = [checkpoint, "--workers", "0", "--batch-size", "16", "--epochs", "2", "--label-fraction", "1",
+             "--progress-every", "0", "--amp", amp]
+    call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "straight.json")
+    out = capsys.readouterr().out
+    assert "recipe v2 (the official SimCLRv2 fine-tuning" in out and "projection head has 3 layers" in out
+    assert f"device {device_name(cuda)}" in out and f'"amp": "{amp}"' in out and "4 steps/epoch" in out
+    steps = []
+    real_update = finetune.Progress.update
+
+    def update(self, n):  # the preemption: SIGTERM to this process after step 2 of epoch 1
+        real_update(self, n)
+        steps.append(n)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(finetune.Progress, "update", update)
+    with pytest.raises(SystemExit) as stopped:
+        call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "stopped.json")
+    monkeypatch.setattr(finetune.Progress, "update", real_update)
+    assert stopped.value.code == 128 + signal.SIGTERM and len(steps) == 2
+    state = torch.load(tmp_path / "stopped.ckpt.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2) and not os.path.exists(tmp_path / "stopped.json")
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    assert (state["scaler"] is not None) == (amp == "fp16")
+    call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "stopped.json", "--resume")
+    assert "resumed from" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("straight", "stopped"))
+    assert a["classifier"]["head_layer"] == b["classifier"]["head_layer"] == 1 and a["meta"]["recipe"] == "v2"
+    pairs = [(f"{part}.{k}", v, b[part][k]) for part in ("encoder", "head") for k, v in a[part].items()]
+    pairs += [(f"classifier.{k}", a["classifier"][k], b["classifier"][k]) for k in ("weight", "bias")]
+    assert len(pairs) > 100
+    for name, x, y in pairs:
+        assert x.device.type == y.device.type == "cpu", name
+        if x.is_floating_point():
+            torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-3, msg=name)
+        else:
+            assert torch.equal(y, x), name
+    ra, rb = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("straight", "stopped"))
+    for res in (ra, rb):
+        assert (res["recipe"], res["optimizer"], res["lr_scaling"], res["from_head_layer"]) == ("v2", "lars", "sqrt", 1)
+        assert res["amp"] == amp and res["test_images"] == 16 and math.isfinite(res["final_train_loss"])
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-3)
+    assert abs(rb["top1"] - ra["top1"]) <= one_image(ra)
+    for run, res in (("straight", ra), ("stopped", rb)):
+        call_main(monkeypatch, linear_eval, tmp_path / f"{run}.pt", "--checkpoint-classifier", "--workers", "0",
+                  "--batch-size", "16", "--amp", amp, "--out", tmp_path / f"{run}.scored.json")
+        scored = json.loads((tmp_path / f"{run}.scored.json").read_text())
+        assert scored["test_images"] == 16, run
+        assert abs(scored["top1"] - res["top1"]) <= one_image(res), (run, scored["top1"], res["top1"])
