@@ -5,7 +5,8 @@ keeps the loss float32; SyncBatchNorm's kernels; two processes on one GPU agains
 on the global batch (SyncBatchNorm's statistics, the loss's cross-rank gather, DDP);
 pretrain.py under torchrun with NCCL, resumed on the GPU; the evaluation scripts and bench.py
 on the GPU; DDP on the GPU a process sees when LOCAL_RANK counts further; finetune.py's v2 recipe
-stopped and resumed.
+stopped and resumed, distill.py under torchrun (its teacher watched) and in two processes against
+one.
 
 bf16 tests skip below compute capability 8.0 (V100, T4, RTX 20xx), with the reason: there
 --amp auto picks fp16, and each has an fp16 variant that runs on every GPU."""
@@ -25,7 +26,7 @@ from bench import step_setup
 from conftest import ROOT, TINY, child_env, free_port, run_script
 from distributed import AMP_DTYPES, grad_scaler
 from loss import contrastive_logits
-from model import ProjectionHead, SimCLR, build_encoder, load_encoder
+from model import ProjectionHead, SimCLR, build_encoder, load_classifier, load_encoder, save_classifier
 from pretrain import forward_backward, to_device_views, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -484,3 +485,93 @@ def finetune_v2_resumed(checkpoint, tmp_path, monkeypatch, capsys, amp, cuda):
         scored = json.loads((tmp_path / f"{run}.scored.json").read_text())
         assert scored["test_images"] == 16, run
         assert abs(scored["top1"] - res["top1"]) <= one_image(res), (run, scored["top1"], res["top1"])
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A fine-tuned network saved as finetune.py saves it, its classifier on projection-head layer 1 (the v2
+    recipe's): tests/test_distill.py's nearest-class-mean teacher, whose predictions vary over the images."""
+    from test_distill import make_teacher
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_classifier(path, make_teacher(n=128, head_layer=1), dataset="synthetic", data_dir="data", image_size=16,
+                    synthetic_size=128)
+    return path
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_distill_under_torchrun_with_nccl(teacher_file, tmp_path, monkeypatch, amp):
+    skip_bf16_below_ampere(amp)
+    distill_under_torchrun(teacher_file, tmp_path, monkeypatch, amp, cuda=True)
+
+
+def distill_under_torchrun(teacher_file, tmp_path, monkeypatch, amp, cuda):
+    """distill.py under torchrun (one process: NCCL, DDP around the student on cuda:0) with autocast,
+    through tests/distill_teacher_worker.py, which watches the teacher: one epoch of 8 steps of
+    self-distillation from a teacher whose classifier reads projection-head layer 1. Every teacher forward
+    (8 training steps, 2 test batches) runs in eval mode, without gradients, under autocast, and the
+    teacher ends with the file's weights and BN statistics. log.jsonl, results.json and student.pt (read on
+    the CPU) are written, and linear_eval.py --checkpoint-classifier scores student.pt to the student's
+    printed top-1 (within one test image). ~15 s on an H200."""
+    import linear_eval
+    result = run_script(["tests/distill_teacher_worker.py", tmp_path / "teacher.json", teacher_file, "--workers", "0",
+                         "--batch-size", "16", "--lr", "0.2", "--epochs", "1", "--progress-every", "0", "--amp", amp,
+                         "--out", "run"], tmp_path, torchrun=1, cuda=cuda)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert f"device {device_name(cuda)}" in out and "processes 1" in out and f'"amp": "{amp}"' in out
+    assert "self-distillation" in out and "classifier on head layer 1" in out
+    watched = json.loads((tmp_path / "teacher.json").read_text())
+    assert watched["forwards"] == 128 // 16 + 32 // 16, watched
+    assert watched["training"] == watched["grad_enabled"] == 0 and watched["requires_grad"] == [], watched
+    assert watched["dtypes"] == [str(AMP_DTYPES[amp]).split(".")[-1]], watched
+    assert watched["devices"] == [device_name(cuda)] and watched["keys"] and watched["changed"] == [], watched
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and math.isfinite(log[0]["loss"]) and 0 <= log[0]["agreement"] <= 100
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["processes"] == 1 and res["amp"] == amp and res["test_images"] == 32 and res["images"] == 128
+    assert out.strip().splitlines()[-1] == f"top-1 accuracy: {res['top1']:.2f}%"
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in saved["encoder"].values())
+    student = load_classifier(tmp_path / "run" / "student.pt")
+    assert student.head_layer == 0 and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in student.modules())
+    call_main(monkeypatch, linear_eval, tmp_path / "run" / "student.pt", "--checkpoint-classifier", "--workers", "0",
+              "--batch-size", "16", "--amp", amp, "--out", tmp_path / "scored.json")
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    assert scored["test_images"] == 32 and abs(scored["top1"] - res["top1"]) <= one_image(res), scored["top1"]
+
+
+def test_distill_two_processes_on_one_gpu_match_one_process_on_the_global_batch(tmp_path):
+    distill_two_processes(tmp_path, cuda=True)
+
+
+def distill_two_processes(tmp_path, cuda):
+    """Two steps of distill.py's train_step in two processes on one GPU (tests/distill_worker.py --cuda:
+    the student wrapped as distill.py wraps it, SyncBatchNorm and DDP on cuda:0; gloo on CUDA tensors, since
+    NCCL refuses two ranks on one GPU) against one process on the global batch, float32: the losses, the
+    student's weights after LARS and its BN running statistics. The control, BN over each process's half,
+    moves the weights and the statistics otherwise, so the comparison can fail. On the CPU, without
+    SyncBatchNorm, the reference and the control trade places (and the statistics are not compared).
+    ~15 s on an H200."""
+    import distill_worker
+    result = run_script(["tests/distill_worker.py", tmp_path / "ddp.pt", *(["--cuda"] if cuda else [])], tmp_path,
+                        torchrun=2, cuda=cuda, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    got = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert got["world"] == 2
+    device = "cuda" if cuda else "cpu"
+    ref = distill_worker.reference(got["world"], device, sync_bn=cuda)
+    control = distill_worker.reference(got["world"], device, sync_bn=not cuda)
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert got["weights"].keys() == ref["weights"].keys()
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-3, atol=1e-5, msg=k)
+    moved = {k: w - ref["start"][k] for k, w in ref["weights"].items() if not torch.equal(w, ref["start"][k])}
+    assert len(moved) > 30
+    worst = max(((control["weights"][k] - ref["start"][k] - m).norm() / m.norm()).item() for k, m in moved.items())
+    assert worst > 1e-2, worst
+    assert got["bn_stats"].keys() == ref["bn_stats"].keys() and len(ref["bn_stats"]) > 30
+    if cuda:  # (on the CPU rank 0's statistics are of its own half alone, which no one-process run gives)
+        for k, v in ref["bn_stats"].items():
+            torch.testing.assert_close(got["bn_stats"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        assert max((control["bn_stats"][k] - v).abs().max().item() for k, v in ref["bn_stats"].items()
+                   if "running_" in k) > 1e-3
