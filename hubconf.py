@@ -63,6 +63,11 @@ V1_MODELS = ("r50_1x", "r50_2x", "r50_4x")
 V2_MODELS = ("r50_1x_sk0", "r50_1x_sk1", "r50_2x_sk0", "r50_2x_sk1", "r101_1x_sk0", "r101_1x_sk1", "r101_2x_sk0",
              "r101_2x_sk1", "r152_1x_sk0", "r152_1x_sk1", "r152_2x_sk0", "r152_2x_sk1", "r152_3x_sk1")
 V2_BUCKETS = ("pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised")
+# The distilled students: gs://simclr-checkpoints/simclrv2/distill_{1,10}pct/TEACHER/STUDENT/, every one
+# distilled from the released r152_3x_sk1 (r152_3x_sk1/r152_3x_sk1 is the self-distilled one; the
+# maintainers in google-research/simclr#130). MODEL names the student.
+DISTILL_BUCKETS = ("distill_1pct", "distill_10pct")
+DISTILL_TEACHER = "r152_3x_sk1"
 V2_URL = "https://storage.googleapis.com/simclr-checkpoints"  # gs://simclr-checkpoints: simclrv2/BUCKET/MODEL/
 V1_URL = "https://storage.googleapis.com/simclr-gcs"  # the official README's ResNet50_{1,2,4}x.zip: checkpoints/
 
@@ -96,7 +101,10 @@ def simclr_v2(model="r50_1x_sk0", bucket="pretrained", pretrained=True, checkpoi
     """A released SimCLR v2 model (one of V2_MODELS, e.g. "r152_3x_sk1") from the official bucket
     gs://simclr-checkpoints/simclrv2/BUCKET/MODEL/, BUCKET one of "pretrained" (linear classifier
     on h), "finetuned_1pct", "finetuned_10pct" (classifier on projection-head layer 1),
-    "finetuned_100pct" (on h), "supervised" (on h).
+    "finetuned_100pct" (on h), "supervised" (on h); or the student MODEL distilled from r152_3x_sk1,
+    gs://simclr-checkpoints/simclrv2/BUCKET/r152_3x_sk1/MODEL/, BUCKET "distill_1pct" or
+    "distill_10pct" (the classifier's head layer read from the checkpoint, as convert_official.py
+    does: 1 if its first projection-head layer was trained, else 0).
 
     Returns the encoder in eval mode: x (B, 3, H, W), RGB in [0, 1] without mean/std normalisation
     (the official input; at 224 px: augment.EvalTransform(224, train=False), then .float() / 255)
@@ -110,9 +118,9 @@ def simclr_v2(model="r50_1x_sk0", bucket="pretrained", pretrained=True, checkpoi
     head_layer: override the layer the classifier reads (e.g. 1 for finetuned_100pct).
     """
     _choose(model, V2_MODELS, "simclr_v2 model")
-    _choose(bucket, V2_BUCKETS, "simclr_v2 bucket")
+    _choose(bucket, V2_BUCKETS + DISTILL_BUCKETS, "simclr_v2 bucket")
     if not pretrained:
-        default = _convert.default_head_layer(f"simclrv2/{bucket}/{model}")
+        default = _convert.default_head_layer(f"simclrv2/{bucket}/{model}")  # distill_*: 0, as no file says
         return _random(model, v2=True, head_layer=default if head_layer is None else head_layer)
     return _from_cache(f"simclr_v2({model!r}, bucket={bucket!r})", _v2_file(model, bucket, checkpoint_dir, progress),
                        head_layer)
@@ -148,11 +156,12 @@ def _v1_file(model, checkpoint_dir, progress):
 
 
 def _v2_file(model, bucket, checkpoint_dir, progress):
-    what, rel = f"simclr_v2({model!r}, bucket={bucket!r})", f"simclrv2/{bucket}/{model}"
+    folder = f"{bucket}/{DISTILL_TEACHER}/{model}" if bucket in DISTILL_BUCKETS else f"{bucket}/{model}"
+    what, rel = f"simclr_v2({model!r}, bucket={bucket!r})", f"simclrv2/{folder}"
     url = f"{_base(V2_URL)}/{rel}"
 
     def places(root, itself):
-        return ([root] if itself else []) + [os.path.join(root, *rel.split("/")), os.path.join(root, bucket, model)]
+        return ([root] if itself else []) + [os.path.join(root, *rel.split("/")), os.path.join(root, *folder.split("/"))]
 
     def download(tmp):
         dest = os.path.join(tmp, *rel.split("/"))
@@ -201,8 +210,12 @@ def _official_file(what, file_name, model, rel, places, checkpoint_dir, download
         else:
             prefix = _prefix_in_folder(local)
             source = os.path.abspath(prefix)
-        head_layer = _convert.default_head_layer(rel)  # the official rule, from the bucket name
-        config = _convert.plan(_convert.TFCheckpoint(prefix).shapes, head_layer)[0]  # reads the index only
+        ckpt = _convert.TFCheckpoint(prefix)
+        if rel.split("/")[1] in DISTILL_BUCKETS:  # no file records it: the checkpoint's own values decide
+            head_layer = _convert.distilled_head_layer(ckpt)[0]
+        else:
+            head_layer = _convert.default_head_layer(rel)  # the official rule, from the bucket name
+        config = _convert.plan(ckpt.shapes, head_layer)[0]
         _check_architecture(what, model, config, source)
         out = os.path.join(tmp, file_name)
         if progress:
@@ -397,7 +410,8 @@ def _main(argv=None):
                                 "encoder.pt's path (e.g. for linear_eval.py --checkpoint-classifier).")
     p.add_argument("entry", choices=["simclr_v1", "simclr_v2"])
     p.add_argument("model", help=f"v1: {', '.join(V1_MODELS)}; v2: {', '.join(V2_MODELS)}")
-    p.add_argument("--bucket", default=None, help=f"simclr_v2 only: {', '.join(V2_BUCKETS)} (default: pretrained)")
+    p.add_argument("--bucket", default=None, help=f"simclr_v2 only: {', '.join(V2_BUCKETS + DISTILL_BUCKETS)} "
+                                                   "(default: pretrained)")
     p.add_argument("--checkpoint-dir", default=None, help="official files downloaded by hand, converted instead of "
                                                           "downloading (see the entries' docstrings)")
     args = p.parse_args(argv)
@@ -410,7 +424,7 @@ def _main(argv=None):
         else:
             bucket = args.bucket or "pretrained"
             _choose(args.model, V2_MODELS, "simclr_v2 model")
-            _choose(bucket, V2_BUCKETS, "simclr_v2 bucket")
+            _choose(bucket, V2_BUCKETS + DISTILL_BUCKETS, "simclr_v2 bucket")
             path = _v2_file(args.model, bucket, args.checkpoint_dir, progress=True)
     except (_HubError, ValueError) as e:
         sys.exit(f"hubconf.py: error: {e}")

@@ -42,7 +42,8 @@ def mirror(tmp_path_factory):
     from the fixtures' file names (model.ckpt-0): the entries must read them from `checkpoint`."""
     root = tmp_path_factory.mktemp("mirror")
     for rel, source, step in [("simclrv2/pretrained/r50_1x_sk0", R50, 250228),
-                              ("simclrv2/finetuned_10pct/r50_1x_sk1", SK1, 37535)]:
+                              ("simclrv2/finetuned_10pct/r50_1x_sk1", SK1, 37535),
+                              ("simclrv2/distill_1pct/r152_3x_sk1/r50_1x_sk0", R50, 100092)]:
         folder = root / rel
         folder.mkdir(parents=True)
         (folder / "checkpoint").write_text(_state(f"gs://simclr-checkpoints/{rel}/model.ckpt-{step}"))
@@ -160,6 +161,22 @@ def test_v2_finetuned_classifier_reads_projection_head_layer_1(server, cache):
     assert_equal_to_tf(*outputs(model, SK1), head_layer=0)
 
 
+def test_v2_distilled_student_is_read_from_its_teachers_folder(server, cache):
+    """distill_1pct/r152_3x_sk1/STUDENT/, the release's nesting; the classifier's head layer from the
+    checkpoint (the fixture's head is trained: layer 1), not from the bucket name."""
+    model = load("simclr_v2", "r50_1x_sk0", bucket="distill_1pct")
+    folder = "/simclrv2/distill_1pct/r152_3x_sk1/r50_1x_sk0/"
+    assert [p for m, p in server.requests if m == "GET"] == [
+        folder + "checkpoint", folder + "model.ckpt-100092.index", folder + "model.ckpt-100092" + DATA]
+    assert model.head_layer == 1 and files_under(cache) == ["simclrv2-distill_1pct-r50_1x_sk0.pt"]
+    assert_equal_to_tf(*outputs(model, R50), head_layer=1)
+    with pytest.raises(RuntimeError) as e:  # a student the mirror does not hold: the 404, in one line
+        load("simclr_v2", "r50_1x_sk0", bucket="distill_10pct")
+    msg = str(e.value)
+    assert "\n" not in msg and "HTTP 404" in msg and "/simclrv2/distill_10pct/r152_3x_sk1/r50_1x_sk0/checkpoint" in msg
+    assert files_under(cache) == ["simclrv2-distill_1pct-r50_1x_sk0.pt"]
+
+
 def test_v1_zip_is_downloaded_and_its_checkpoint_converted(server, cache):
     model = load("simclr_v1", "r50_1x")
     assert_equal_to_tf(*outputs(model, R50), head_layer=0)  # not the hub/ module's weights (the SK1 fixture)
@@ -261,6 +278,7 @@ def test_entries_cover_every_released_model():
     assert {f"v1_{m}" for m in hubconf.V1_MODELS} | {f"v2_{m}" for m in hubconf.V2_MODELS} == released
     assert len(hubconf.V2_MODELS) == 13 and hubconf.V2_BUCKETS == (
         "pretrained", "finetuned_1pct", "finetuned_10pct", "finetuned_100pct", "supervised")
+    assert hubconf.DISTILL_BUCKETS == ("distill_1pct", "distill_10pct") and hubconf.DISTILL_TEACHER in hubconf.V2_MODELS
     assert all(importlib.util.find_spec(d) for d in hubconf.dependencies)
     with pytest.raises(ValueError, match="'r50_3x_sk0' is not released; choose one of r50_1x_sk0, r50_1x_sk1"):
         hubconf.simclr_v2("r50_3x_sk0")
