@@ -84,18 +84,18 @@ def get_args():
     if cuda:  # "cuda" -> "cuda:0": every CUDA call below names its GPU
         device = torch.device(args.device)
         args.device = str(torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index))
-    args.arch = args.arch or ("resnet50" if cuda else "resnet18")
-    args.image_size = args.image_size or (224 if cuda else 64)
-    args.batch_size = args.batch_size or (256 if cuda else 32)
-    args.steps = args.steps or (30 if cuda else 8)
-    args.workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
-    args.loss_sizes = [int(v) for v in (args.loss_sizes or ("2048,8192,32768" if cuda else "2048,4096,8192,32768")).split(",")]
-    args.epoch_images = args.epoch_images or (50_000 if cuda else 1024)
-    args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
     flags.check(p.error, args, {name: "[1, inf)" for name in ("image_size", "batch_size", "steps", "view_images",
                                                               "rounds", "memory_rounds", "epoch_images",
                                                               "photo_images")}
                 | {"workers": "[0, inf)", "memory_width": "(0, inf)"})
+    args.arch = args.arch or ("resnet50" if cuda else "resnet18")
+    args.image_size = args.image_size if args.image_size is not None else (224 if cuda else 64)
+    args.batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else 32)
+    args.steps = args.steps if args.steps is not None else (30 if cuda else 8)
+    args.workers = args.workers if args.workers is not None else min(16, os.cpu_count() or 1)
+    args.loss_sizes = [int(v) for v in (args.loss_sizes or ("2048,8192,32768" if cuda else "2048,4096,8192,32768")).split(",")]
+    args.epoch_images = args.epoch_images if args.epoch_images is not None else (50_000 if cuda else 1024)
+    args.memory_cases = args.memory_cases or ("128x224,256x224,512x224" if cuda else "64x96")
     try:
         args.photo_sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.photo_sizes.split(",") if size]
     except ValueError:

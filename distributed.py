@@ -74,7 +74,7 @@ def setup(global_batch=None, timeout_minutes=10):
     if cuda:
         # TF32 only where it is only speed: cuDNN convolutions (the encoder under --amp off; under amp
         # they run in bf16/fp16 anyway). Matmuls stay true float32: the loss logits, the kNN
-        # similarities and the linear classifiers, which the README calls float32. (PyTorch's
+        # similarities and the linear classifiers (docs/gpus.md, "What is float32"). (PyTorch's
         # defaults, set explicitly: a copied snippet may have turned matmul TF32 on.)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
@@ -409,8 +409,9 @@ def write_results(results, path, ctx):
 
 class StopRequest:
     """SIGTERM / SIGINT (what schedulers send before preemption, and Ctrl-C) set a flag;
-    the training loop acts on it at its next log line: saves, and exits. A second SIGINT stops at once;
-    further SIGTERMs (torchrun forwards the one it gets) do not interrupt the save."""
+    the training loop acts on it at its next log line: saves, and exits. A SIGINT after any first
+    signal (a Ctrl-C once the stop is under way) stops at once; further SIGTERMs (torchrun forwards
+    the one it gets) do not interrupt the save."""
 
     def __init__(self):
         self.signum = 0
@@ -418,8 +419,8 @@ class StopRequest:
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a Ctrl-C after the first signal: stop without saving
         self.signum = self.signum or signum
         who = f"rank {os.environ['RANK']} " if "RANK" in os.environ else ""
         print(f"{who}received {signal.Signals(signum).name}: stopping at the next log line and saving "

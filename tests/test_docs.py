@@ -2,8 +2,8 @@
 
 - Every relative link in README.md and docs/*.md reaches a file, and every #anchor a heading of
   the page it names (GitHub's heading ids).
-- Every --flag the docs show for pretrain.py, linear_eval.py, finetune.py, export.py,
-  convert_official.py, bench.py and augment.py is a flag of that script, and every flag of each
+- Every --flag the docs show for pretrain.py, linear_eval.py, finetune.py, distill.py, export.py,
+  convert_official.py, bench.py, augment.py and hubconf.py is a flag of that script, and every flag of each
   script appears in the docs for it. A flag is shown for a script by a command that runs it
   (`python SCRIPT.py ... --flag`, `torchrun ... SCRIPT.py ... --flag`, `sbatch tools/pretrain.sbatch
   ... --flag`, in a code block or an inline code span) or by the first column of a table whose
@@ -26,8 +26,8 @@ import pytest
 
 from conftest import ROOT, child_env
 
-SCRIPTS = ("pretrain.py", "linear_eval.py", "finetune.py", "export.py", "convert_official.py", "bench.py",
-           "augment.py", "hubconf.py")
+SCRIPTS = ("pretrain.py", "linear_eval.py", "finetune.py", "distill.py", "export.py", "convert_official.py",
+           "bench.py", "augment.py", "hubconf.py")
 # Scripts that take a script's flags on its behalf.
 WRAPPERS = {"tools/pretrain.sbatch": "pretrain.py"}
 # Flags of the launchers and programs the docs show beside ours.

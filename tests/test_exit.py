@@ -11,6 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from conftest import ROOT, child_env, communicate, free_port, run_script
+import distributed
 from distributed import DIST_ERRORS, peer_failure
 
 GLOO_TEXT = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40049"
@@ -166,3 +167,20 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_ctrl_c_after_any_first_signal_stops_at_once_and_sigterms_do_not():
+    """What the first signal's message promises ("Ctrl-C again to stop without saving") holds after
+    a SIGTERM too; a forwarded second SIGTERM never interrupts the save."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for first in (signal.SIGTERM, signal.SIGINT):
+            stop = distributed.StopRequest()
+            stop._handle(first, None)
+            stop._handle(signal.SIGTERM, None)  # torchrun forwarding the one it got
+            assert stop.signum == first
+            with pytest.raises(KeyboardInterrupt):
+                stop._handle(signal.SIGINT, None)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -6,6 +6,7 @@ resume. Most run the scripts' own functions in this process."""
 import io
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -103,6 +104,16 @@ def test_eval_scripts_refuse_numbers_at_start(tmp_path, capsys, monkeypatch):
         lines = [line for line in err.splitlines() if "error:" in line]
         assert code == 2 and len(lines) == 1 and text in lines[0], (script.__name__, args, err)
     assert sorted(os.listdir(tmp_path)) == ["enc.pt"]  # refused before anything was made
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--image-size", "--epoch-images"])
+def test_bench_refuses_zero_instead_of_taking_the_default(flag, capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", flag, "0"])
+    with pytest.raises(SystemExit) as e:
+        bench.get_args()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag} must be" in err.splitlines()[-1], err
 
 
 def test_no_checkpoint_written_yet_and_no_out_folder_before_validation(tmp_path, capsys, monkeypatch):
