@@ -4,7 +4,9 @@ synchronisation into an exception); the device distortion gives the CPU's views;
 keeps the loss float32; SyncBatchNorm's kernels; two processes on one GPU against one process
 on the global batch (SyncBatchNorm's statistics, the loss's cross-rank gather, DDP);
 pretrain.py under torchrun with NCCL, resumed on the GPU; the evaluation scripts and bench.py
-on the GPU; DDP on the GPU a process sees when LOCAL_RANK counts further.
+on the GPU; DDP on the GPU a process sees when LOCAL_RANK counts further; finetune.py's v2 recipe
+stopped and resumed, distill.py under torchrun (its teacher watched) and in two processes against
+one, and pretraining on JPEG photos decoded at reduced scale by the data workers.
 
 bf16 tests skip below compute capability 8.0 (V100, T4, RTX 20xx), with the reason: there
 --amp auto picks fp16, and each has an fp16 variant that runs on every GPU."""
@@ -12,6 +14,8 @@ import argparse
 import importlib
 import json
 import math
+import os
+import signal
 import sys
 import warnings
 
@@ -22,7 +26,7 @@ from bench import step_setup
 from conftest import ROOT, TINY, child_env, free_port, run_script
 from distributed import AMP_DTYPES, grad_scaler
 from loss import contrastive_logits
-from model import ProjectionHead, SimCLR, build_encoder, load_encoder
+from model import ProjectionHead, SimCLR, build_encoder, load_classifier, load_encoder, save_classifier
 from pretrain import forward_backward, to_device_views, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -380,3 +384,239 @@ def test_two_processes_on_one_gpu_match_one_process_on_the_global_batch(tmp_path
     worst = max(((local_grads[k] - g).norm() / g.norm()).item() for k, g in grads.items())
     assert worst > 1e-2, worst
     assert max((local_stats[k] - v).abs().max().item() for k, v in stats.items() if "running_" in k) > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# SimCLRv2's fine-tuning and distillation, and photos decoded at reduced scale, on the GPU.
+# Each test's body is a function of `cuda`: with cuda=False it runs the very same commands on the CPU
+# with the GPU hidden (how they were checked on a machine without one); the device the output names
+# is the only other difference. Expected times are estimates for an H200 (nothing here has run on one).
+
+def device_name(cuda):
+    return "cuda:0" if cuda else "cpu"
+
+
+def one_image(results):
+    """A top-1 in percent may move by one test image between two processes on the GPU: cuDNN picks its
+    algorithms per process (benchmark mode) and their bf16/fp16 rounding can turn a near tie."""
+    return 100 / results["test_images"] + 1e-9
+
+
+def call_main(monkeypatch, module, *argv):
+    """module.main() in this process, as `python MODULE.py ARGV` runs it (on the GPU when there is one);
+    the stop handlers the training scripts install are undone after it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    try:
+        return module.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def v2_checkpoint(tmp_path_factory):
+    """An encoder.pt with a three-layer projection head (pretrain.py --proj-layers 3), random weights, 16 px
+    synthetic images: finetune.py picks the v2 recipe for it."""
+    from test_finetune import checkpoint
+    return checkpoint(tmp_path_factory.mktemp("v2") / "encoder.pt", head_layers=3)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_finetune_v2_recipe_stops_and_resumes_on_the_gpu(v2_checkpoint, tmp_path, monkeypatch, capsys, amp):
+    skip_bf16_below_ampere(amp)
+    finetune_v2_resumed(v2_checkpoint, tmp_path, monkeypatch, capsys, amp, cuda=True)
+
+
+def finetune_v2_resumed(checkpoint, tmp_path, monkeypatch, capsys, amp, cuda):
+    """finetune.py with the v2 recipe it picks for a three-layer head (LARS with the official exclusions,
+    sqrt scaling, from head layer 1) under autocast: 2 epochs of 4 steps straight, and stopped by SIGTERM
+    after step 2, then --resume. The resumed NAME.pt holds the straight run's network, and its training loss,
+    as closely as test_resume_on_the_gpu asks of pretraining (cuDNN is not bitwise reproducible); NAME.pt and
+    NAME.ckpt.pt are read on the CPU; linear_eval.py --checkpoint-classifier scores each NAME.pt to its
+    run's top-1 (within one test image). fp16: the loss scaler's state is in NAME.ckpt.pt. ~10 s on an H200."""
+    import finetune
+    import linear_eval
+    flags = [checkpoint, "--workers", "0", "--batch-size", "16", "--epochs", "2", "--label-fraction", "1",
+             "--progress-every", "0", "--amp", amp]
+    call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "straight.json")
+    out = capsys.readouterr().out
+    assert "recipe v2 (the official SimCLRv2 fine-tuning" in out and "projection head has 3 layers" in out
+    assert f"device {device_name(cuda)}" in out and f'"amp": "{amp}"' in out and "4 steps/epoch" in out
+    steps = []
+    real_update = finetune.Progress.update
+
+    def update(self, n):  # the preemption: SIGTERM to this process after step 2 of epoch 1
+        real_update(self, n)
+        steps.append(n)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(finetune.Progress, "update", update)
+    with pytest.raises(SystemExit) as stopped:
+        call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "stopped.json")
+    monkeypatch.setattr(finetune.Progress, "update", real_update)
+    assert stopped.value.code == 128 + signal.SIGTERM and len(steps) == 2
+    state = torch.load(tmp_path / "stopped.ckpt.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2) and not os.path.exists(tmp_path / "stopped.json")
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    assert (state["scaler"] is not None) == (amp == "fp16")
+    call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "stopped.json", "--resume")
+    assert "resumed from" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("straight", "stopped"))
+    assert a["classifier"]["head_layer"] == b["classifier"]["head_layer"] == 1 and a["meta"]["recipe"] == "v2"
+    pairs = [(f"{part}.{k}", v, b[part][k]) for part in ("encoder", "head") for k, v in a[part].items()]
+    pairs += [(f"classifier.{k}", a["classifier"][k], b["classifier"][k]) for k in ("weight", "bias")]
+    assert len(pairs) > 100
+    for name, x, y in pairs:
+        assert x.device.type == y.device.type == "cpu", name
+        if x.is_floating_point():
+            torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-3, msg=name)
+        else:
+            assert torch.equal(y, x), name
+    ra, rb = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("straight", "stopped"))
+    for res in (ra, rb):
+        assert (res["recipe"], res["optimizer"], res["lr_scaling"], res["from_head_layer"]) == ("v2", "lars", "sqrt", 1)
+        assert res["amp"] == amp and res["test_images"] == 16 and math.isfinite(res["final_train_loss"])
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-3)
+    assert abs(rb["top1"] - ra["top1"]) <= one_image(ra)
+    for run, res in (("straight", ra), ("stopped", rb)):
+        call_main(monkeypatch, linear_eval, tmp_path / f"{run}.pt", "--checkpoint-classifier", "--workers", "0",
+                  "--batch-size", "16", "--amp", amp, "--out", tmp_path / f"{run}.scored.json")
+        scored = json.loads((tmp_path / f"{run}.scored.json").read_text())
+        assert scored["test_images"] == 16, run
+        assert abs(scored["top1"] - res["top1"]) <= one_image(res), (run, scored["top1"], res["top1"])
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A fine-tuned network saved as finetune.py saves it, its classifier on projection-head layer 1 (the v2
+    recipe's): tests/test_distill.py's nearest-class-mean teacher, whose predictions vary over the images."""
+    from test_distill import make_teacher
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_classifier(path, make_teacher(n=128, head_layer=1), dataset="synthetic", data_dir="data", image_size=16,
+                    synthetic_size=128)
+    return path
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_distill_under_torchrun_with_nccl(teacher_file, tmp_path, monkeypatch, amp):
+    skip_bf16_below_ampere(amp)
+    distill_under_torchrun(teacher_file, tmp_path, monkeypatch, amp, cuda=True)
+
+
+def distill_under_torchrun(teacher_file, tmp_path, monkeypatch, amp, cuda):
+    """distill.py under torchrun (one process: NCCL, DDP around the student on cuda:0) with autocast,
+    through tests/distill_teacher_worker.py, which watches the teacher: one epoch of 8 steps of
+    self-distillation from a teacher whose classifier reads projection-head layer 1. Every teacher forward
+    (8 training steps, 2 test batches) runs in eval mode, without gradients, under autocast, and the
+    teacher ends with the file's weights and BN statistics. log.jsonl, results.json and student.pt (read on
+    the CPU) are written, and linear_eval.py --checkpoint-classifier scores student.pt to the student's
+    printed top-1 (within one test image). ~15 s on an H200."""
+    import linear_eval
+    result = run_script(["tests/distill_teacher_worker.py", tmp_path / "teacher.json", teacher_file, "--workers", "0",
+                         "--batch-size", "16", "--lr", "0.2", "--epochs", "1", "--progress-every", "0", "--amp", amp,
+                         "--out", "run"], tmp_path, torchrun=1, cuda=cuda)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert f"device {device_name(cuda)}" in out and "processes 1" in out and f'"amp": "{amp}"' in out
+    assert "self-distillation" in out and "classifier on head layer 1" in out
+    watched = json.loads((tmp_path / "teacher.json").read_text())
+    assert watched["forwards"] == 128 // 16 + 32 // 16, watched
+    assert watched["training"] == watched["grad_enabled"] == 0 and watched["requires_grad"] == [], watched
+    assert watched["dtypes"] == [str(AMP_DTYPES[amp]).split(".")[-1]], watched
+    assert watched["devices"] == [device_name(cuda)] and watched["keys"] and watched["changed"] == [], watched
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and math.isfinite(log[0]["loss"]) and 0 <= log[0]["agreement"] <= 100
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["processes"] == 1 and res["amp"] == amp and res["test_images"] == 32 and res["images"] == 128
+    assert out.strip().splitlines()[-1] == f"top-1 accuracy: {res['top1']:.2f}%"
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in saved["encoder"].values())
+    student = load_classifier(tmp_path / "run" / "student.pt")
+    assert student.head_layer == 0 and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in student.modules())
+    call_main(monkeypatch, linear_eval, tmp_path / "run" / "student.pt", "--checkpoint-classifier", "--workers", "0",
+              "--batch-size", "16", "--amp", amp, "--out", tmp_path / "scored.json")
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    assert scored["test_images"] == 32 and abs(scored["top1"] - res["top1"]) <= one_image(res), scored["top1"]
+
+
+def test_distill_two_processes_on_one_gpu_match_one_process_on_the_global_batch(tmp_path):
+    distill_two_processes(tmp_path, cuda=True)
+
+
+def distill_two_processes(tmp_path, cuda):
+    """Two steps of distill.py's train_step in two processes on one GPU (tests/distill_worker.py --cuda:
+    the student wrapped as distill.py wraps it, SyncBatchNorm and DDP on cuda:0; gloo on CUDA tensors, since
+    NCCL refuses two ranks on one GPU) against one process on the global batch, float32: the losses, the
+    student's weights after LARS and its BN running statistics. The control, BN over each process's half,
+    moves the weights and the statistics otherwise, so the comparison can fail. On the CPU, without
+    SyncBatchNorm, the reference and the control trade places (and the statistics are not compared).
+    ~15 s on an H200."""
+    import distill_worker
+    result = run_script(["tests/distill_worker.py", tmp_path / "ddp.pt", *(["--cuda"] if cuda else [])], tmp_path,
+                        torchrun=2, cuda=cuda, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    got = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert got["world"] == 2
+    device = "cuda" if cuda else "cpu"
+    ref = distill_worker.reference(got["world"], device, sync_bn=cuda)
+    control = distill_worker.reference(got["world"], device, sync_bn=not cuda)
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+    assert got["weights"].keys() == ref["weights"].keys()
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=1e-3, atol=1e-5, msg=k)
+    moved = {k: w - ref["start"][k] for k, w in ref["weights"].items() if not torch.equal(w, ref["start"][k])}
+    assert len(moved) > 30
+    worst = max(((control["weights"][k] - ref["start"][k] - m).norm() / m.norm()).item() for k, m in moved.items())
+    assert worst > 1e-2, worst
+    assert got["bn_stats"].keys() == ref["bn_stats"].keys() and len(ref["bn_stats"]) > 30
+    if cuda:  # (on the CPU rank 0's statistics are of its own half alone, which no one-process run gives)
+        for k, v in ref["bn_stats"].items():
+            torch.testing.assert_close(got["bn_stats"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        assert max((control["bn_stats"][k] - v).abs().max().item() for k, v in ref["bn_stats"].items()
+                   if "running_" in k) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """32 photo-like JPEGs of 1200x900 (bench.make_photo), in two subfolders."""
+    from bench import make_photo
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(32):
+        (folder / f"d{i % 2}").mkdir(exist_ok=True)
+        (folder / f"d{i % 2}" / f"{i:02d}.jpg").write_bytes(make_photo((1200, 900), seed=i))
+    return folder
+
+
+def test_pretraining_on_photos_feeds_the_gpu_path(photos, tmp_path):
+    pretrain_on_photos(photos, tmp_path, cuda=True)
+
+
+def pretrain_on_photos(photos, tmp_path, cuda):
+    """pretrain.py --dataset folder under torchrun on 1200x900 JPEGs at 64 px, 2 data workers: by default
+    the workers decode every photo at 1/4 or 1/8 of its size (each crop the official sampler draws covers
+    10% of the photo or more, so its shorter side is about 285 px or more, >= 4 x 64) and hand the uint8
+    crops over in pinned memory to the device's distortion; --no-scaled-decode decodes them in full. Both
+    run an epoch with finite losses and no unreadable image, and, since the scaled decode keeps the draws
+    and the pixels within about a level, their losses agree within 2% (measured on the CPU: 0.1-0.2%, float32
+    and bf16; other views of the same photos from the same start, --crop-sampler inception or --strength
+    0.5, move it by 5-27%). ~25 s on an H200."""
+    flags = ["--dataset", "folder", "--data-dir", photos, "--image-size", "64", "--arch", "resnet18", "--width",
+             "0.25", "--batch-size", "16", "--warmup-epochs", "1", "--log-every", "1", "--epochs", "1",
+             "--workers", "2", "--distort-on", "device"]
+    losses = {}
+    for name, extra in (("scaled", []), ("full", ["--no-scaled-decode"])):
+        result = run_script(["pretrain.py", *flags, *extra, "--out", name], tmp_path, torchrun=1, cuda=cuda)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        out = result.stdout
+        assert f"device {device_name(cuda)}" in out and "processes 1" in out and "32 images" in out, out[-3000:]
+        assert '"distort_on": "device"' in out and '"workers": 2' in out
+        assert f'"scaled_decode": {"true" if name == "scaled" else "false"}' in out
+        assert ("scaled_decode=True" in out) == (name == "scaled")  # the views the workers run
+        log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == [1] and math.isfinite(log[0]["loss"]), log
+        assert log[0]["unreadable_images"] == 0
+        if cuda:
+            assert 0 < log[0]["peak_gpu_memory_gib"] < 10
+        losses[name] = log[0]["loss"]
+    assert losses["scaled"] == pytest.approx(losses["full"], rel=2e-2), losses

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+import distill
 import distributed
 import finetune
 import linear_eval
@@ -386,8 +387,8 @@ def test_every_gpu_session_command_takes_its_scripts_flags(monkeypatch):
                                       local_rank=0, device=torch.device("cuda", 0))
             pretrain.check_compile(args, ctx)  # exits (SystemExit) where it refuses
         else:
-            {"linear_eval.py": linear_eval, "finetune.py": finetune}[script].get_args(flags)
-    assert scripts == {"bench.py", "tools/profile_step.py", "pretrain.py", "linear_eval.py", "finetune.py"}
+            {"linear_eval.py": linear_eval, "finetune.py": finetune, "distill.py": distill}[script].get_args(flags)
+    assert scripts == {"bench.py", "tools/profile_step.py", "pretrain.py", "linear_eval.py", "finetune.py", "distill.py"}
     assert any("--compile" in argv for argv in commands)
 
 

@@ -2,19 +2,23 @@
 # (see README, "Speed"). Each part writes its logs to $OUT (default ./gpu_out), at most 8 files.
 #
 #   bash tools/gpu_session.sh tests     # the CUDA-only tests, then bench.py's step, loss and memory
-#   bash tools/gpu_session.sh profile   # tools/profile_step.py at 256 and 512 images, blur forms, CIFAR epoch
-#   bash tools/gpu_session.sh runs      # pretrain (ResNet-50, 224 px, batch 512, 3 epochs), then both evaluations
+#   bash tools/gpu_session.sh profile   # tools/profile_step.py at 256 and 512 images, blur forms, CIFAR epoch,
+#                                       # bench.py's views on large photos (CPU work of the data workers)
+#   bash tools/gpu_session.sh runs      # pretrain (ResNet-50, 224 px, batch 512, 3 epochs, 3-layer head), then
+#                                       # linear_eval.py, finetune.py (v2 recipe) and distill.py from its network
 #   bash tools/gpu_session.sh compile   # pretrain.py with and without --compile at 32 px and 224 px
 #   bash tools/gpu_session.sh suite     # the rest of the test suite on the device's torch
 #
-# Every command runs under its own time limit, so a part always returns what it has.
+# Every command runs under its own time limit, so a part always returns what it has; a part's limits
+# add up to 560 s or less (and each command may take 10 s more to be killed).
 set -u -o pipefail
 part=${1:?"usage: bash tools/gpu_session.sh tests|profile|runs|compile|suite"}
 out=${OUT:-gpu_out}
 runs=${TMPDIR:-/tmp}/simclr_gpu_session  # pretraining outputs: not returned, not in the repository
 mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1
-workers=$(( $(nproc) < 16 ? $(nproc) : 16 ))
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc alone counts OMP_NUM_THREADS=1 as one CPU)
+workers=$(( cpus < 16 ? cpus : 16 ))
 
 step() {  # step NAME SECONDS COMMAND...: run it, its output to the terminal and $out/NAME.log
     local name=$1 limit=$2
@@ -30,23 +34,34 @@ python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvi
 
 case $part in
 tests)
-    step test_cuda 300 python -m pytest -q -rs tests/test_cuda.py
-    step bench 270 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
+    step test_cuda 390 python -m pytest -q -rs --durations=25 tests/test_cuda.py
+    step bench 170 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
     ;;
 profile)
-    step profile 180 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 256 --blur-forms \
+    step profile 170 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 256 --blur-forms \
         --trace "$out/trace256.json"
     step profile 120 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 512
-    step bench 200 python bench.py --device cuda --workers "$workers" --only step,epoch --batch-size 512 \
+    step bench 180 python bench.py --device cuda --workers "$workers" --only step,epoch --batch-size 512 \
         --json "$out/bench512.json"
+    # the data workers' CPU work per image (one thread), also on large photos: 36 s on an AMD EPYC
+    step views 60 python bench.py --only views --json "$out/views.json"
     ;;
 runs)
-    rm -rf "$runs/run"
-    step pretrain 300 python -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py --dataset synthetic \
-        --synthetic-size 8192 --image-size 224 --arch resnet50 --batch-size 512 --epochs 3 --knn-every 1 --workers "$workers" --out "$runs/run"
+    rm -rf "$runs/run" "$runs/distill"
+    # --proj-layers 3: SimCLRv2's head, so that finetune.py takes its v2 recipe (LARS, from head layer 1)
+    step pretrain 240 python -m torch.distributed.run --standalone --nproc_per_node=1 pretrain.py --dataset synthetic \
+        --synthetic-size 8192 --image-size 224 --arch resnet50 --batch-size 512 --epochs 3 --knn-every 1 \
+        --proj-layers 3 --workers "$workers" --out "$runs/run"
     cp "$runs/run/log.jsonl" "$out/pretrain_log.jsonl" 2>/dev/null
-    step eval 120 python linear_eval.py "$runs/run/encoder.pt" --epochs 2 --knn --workers "$workers"
-    step eval 120 python finetune.py "$runs/run/encoder.pt" --epochs 1 --label-fraction 0.1 --workers "$workers"
+    step linear_eval 90 python linear_eval.py "$runs/run/encoder.pt" --epochs 2 --knn --workers "$workers"
+    step finetune 90 python finetune.py "$runs/run/encoder.pt" --epochs 1 --label-fraction 0.1 --workers "$workers" \
+        --out "$runs/run/ft.json"
+    cp "$runs/run/ft.json" "$out/finetune.json" 2>/dev/null
+    # the fine-tuned network (ft.pt) teaches a student of its own architecture on every training image
+    step distill 120 python -m torch.distributed.run --standalone --nproc_per_node=1 distill.py "$runs/run/ft.pt" \
+        --epochs 1 --batch-size 512 --workers "$workers" --out "$runs/distill"
+    cp "$runs/distill/results.json" "$out/distill.json" 2>/dev/null
+    grep -h -e "^== .*: exit" -e "^top-1 accuracy" "$out"/{pretrain,linear_eval,finetune,distill}.log  # each top-1, then its step
     ;;
 compile)
     for size in 32 224; do
