@@ -54,7 +54,7 @@ from board import Board
 from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail, grad_scaler, rank0_first,
                          resolve_amp, run, setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
-from lars import fine_tuning_optimizer, fused_sgd_available, scaled_step, warmup_cosine
+from lars import backward_step, fine_tuning_optimizer, fused_sgd_available, warmup_cosine
 from loss import distillation_loss
 from model import (ARCHS, CheckpointError, Classifier, build_encoder, load_classifier, load_encoder,
                    pretrain_settings, save_classifier, tensor_bytes)
@@ -345,12 +345,7 @@ def train_step(job, model, teacher, optimizer, scaler, x, labels):
         logits = model(x)
     loss = distillation_loss(logits, teacher_logits, args.temperature, labels, args.label_weight)  # float32
     optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:  # fp16: skips a step whose scaled gradients overflowed, and lowers the scale
-        scaler.scale(loss).backward()
-        scaled_step(optimizer, scaler)
+    backward_step(loss, optimizer, scaler)  # fp16: a step whose scaled gradients overflowed is skipped
     return loss, logits, teacher_logits.argmax(1)
 
 

@@ -44,7 +44,7 @@ from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail, grad_scaler, rank0_first,
                          resolve_amp, run, setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
-from lars import fine_tuning_optimizer, fused_sgd_available, scaled_step, warmup_cosine
+from lars import backward_step, fine_tuning_optimizer, fused_sgd_available, warmup_cosine
 from model import (CheckpointError, Classifier, ProjectionHead, build_encoder, conv_weight_scale, load_encoder,
                    load_head, pretrain_settings, rescale_convs, save_classifier, tensor_bytes)
 
@@ -360,12 +360,7 @@ def train_step(job, model, optimizer, scaler, x, y):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:  # fp16: skips a step whose scaled gradients overflowed, and lowers the scale
-        scaler.scale(loss).backward()
-        scaled_step(optimizer, scaler)
+    backward_step(loss, optimizer, scaler)  # fp16: a step whose scaled gradients overflowed is skipped
     return loss, logits, y
 
 

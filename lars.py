@@ -18,7 +18,7 @@ override this with its own "exclude_1d", "weight_decay" or "trust_ratio" keys.
 
 Also the two optimizers of the fine-tuning stages (fine_tuning_optimizer): LARS with the
 official fine-tuning's exclusions, or Nesterov SGD (the SimCLR v1 paper's protocol); and
-scaled_step, their step under fp16 loss scaling that never makes the host wait.
+backward_step, their backward pass and step, under fp16 loss scaling without making the host wait.
 """
 import inspect
 import math
@@ -205,10 +205,16 @@ def gradients_finite(optimizer):
     return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
 
 
-def scaled_step(optimizer, scaler):
-    """The step after scaler.scale(loss).backward() (fp16 dynamic loss scaling): a step whose
-    gradients overflowed is skipped and the scale lowered. LARS skips it on the device (update=);
-    another optimizer goes through GradScaler.step, on the device too for torch's fused SGD."""
+def backward_step(loss, optimizer, scaler=None):
+    """loss.backward() and the optimizer's step. With fp16 dynamic loss scaling (scaler) the scaled
+    loss is back-propagated and a step whose gradients overflowed is skipped and the scale lowered:
+    LARS skips it on the device (update=); another optimizer goes through GradScaler.step, on the
+    device too for torch's fused SGD."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
     if isinstance(optimizer, LARS):
         scaler.unscale_(optimizer)  # the gradients divided by the scale, in place
         optimizer.step(update=gradients_finite(optimizer))  # the same on every rank: DDP averaged them
