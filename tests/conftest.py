@@ -133,6 +133,20 @@ def run(tmp_path):
     return _run
 
 
+def sigterm_after_steps(monkeypatch, progress, steps):
+    """The tests' preemption: SIGTERM to this process once `progress` (the Progress class a training
+    script counts its steps with) has counted `steps` steps -> the list of the step sizes it counted."""
+    seen, real_update = [], progress.update
+
+    def update(self, n):
+        real_update(self, n)
+        seen.append(n)
+        if len(seen) == steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(progress, "update", update)
+    return seen
+
+
 @pytest.fixture
 def in_process(monkeypatch):
     """Run a script's main() in this process, on the CPU: in_process(module, *argv). The test's own

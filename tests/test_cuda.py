@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench import step_setup
-from conftest import ROOT, TINY, child_env, free_port, run_script
+from conftest import ROOT, TINY, child_env, free_port, run_script, sigterm_after_steps
 from distributed import AMP_DTYPES, grad_scaler
 from loss import contrastive_logits
 from model import ProjectionHead, SimCLR, build_encoder, load_classifier, load_encoder, save_classifier
@@ -443,15 +443,8 @@ def finetune_v2_resumed(checkpoint, tmp_path, monkeypatch, capsys, amp, cuda):
     out = capsys.readouterr().out
     assert "recipe v2 (the official SimCLRv2 fine-tuning" in out and "projection head has 3 layers" in out
     assert f"device {device_name(cuda)}" in out and f'"amp": "{amp}"' in out and "4 steps/epoch" in out
-    steps = []
     real_update = finetune.Progress.update
-
-    def update(self, n):  # the preemption: SIGTERM to this process after step 2 of epoch 1
-        real_update(self, n)
-        steps.append(n)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(finetune.Progress, "update", update)
+    steps = sigterm_after_steps(monkeypatch, finetune.Progress, 2)  # after step 2 of epoch 1
     with pytest.raises(SystemExit) as stopped:
         call_main(monkeypatch, finetune, *flags, "--out", tmp_path / "stopped.json")
     monkeypatch.setattr(finetune.Progress, "update", real_update)

@@ -21,7 +21,7 @@ import data
 import distill
 import distributed
 from augment import EvalTransform
-from conftest import run_script
+from conftest import run_script, sigterm_after_steps
 from loss import distillation_loss
 from model import Classifier, ProjectionHead, build_encoder, load_classifier, save_classifier, save_encoder
 from test_devices import Built, _index, fake_gpus  # noqa: F401  (fake_gpus: the patched CUDA runtime, a fixture)
@@ -164,13 +164,7 @@ def test_teacher_stays_in_eval_mode_and_unchanged(teacher_file, tmp_path, in_pro
 def test_a_stop_signal_saves_and_resume_is_exact(teacher_file, tmp_path, in_process, monkeypatch, stop_at):
     flags = [teacher_file, *FAST, "--epochs", "2", "--label-weight", "0.5", "--label-fraction", "0.25"]
     in_process(distill, *flags, "--out", tmp_path / "straight")
-    steps = []
-
-    def update(self, n):  # the test's preemption: SIGTERM to itself after step `stop_at`
-        steps.append(n)
-        if len(steps) == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(distill.Progress, "update", update)
+    sigterm_after_steps(monkeypatch, distill.Progress, stop_at)
     with pytest.raises(SystemExit) as stopped:
         in_process(distill, *flags, "--out", tmp_path / "stopped")
     assert stopped.value.code == 128 + signal.SIGTERM

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import finetune
 import linear_eval
+from conftest import sigterm_after_steps
 from lars import LARS
 from model import (ProjectionHead, build_encoder, conv_weight_scale, load_classifier, rescale_convs,
                    save_encoder)
@@ -178,13 +179,7 @@ def test_saved_network_reproduces_the_printed_accuracy(ckpts, tmp_path, in_proce
 def test_a_stop_signal_saves_and_resume_is_exact(ckpts, tmp_path, in_process, monkeypatch, stop_at):
     flags = [ckpts["v2"], *FAST, "--label-fraction", "1", "--batch-size", "16", "--epochs", "2"]
     in_process(finetune, *flags, "--out", tmp_path / "straight.json")
-    steps = []
-
-    def update(self, n):  # the test's preemption: SIGTERM to itself after step `stop_at`
-        steps.append(n)
-        if len(steps) == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(finetune.Progress, "update", update)
+    sigterm_after_steps(monkeypatch, finetune.Progress, stop_at)
     with pytest.raises(SystemExit) as stopped:
         in_process(finetune, *flags, "--out", tmp_path / "stopped.json")
     assert stopped.value.code == 128 + signal.SIGTERM
