@@ -361,19 +361,28 @@ def with_averages(mapping, shapes):
     return out
 
 
-def default_head_layer(prefix):
-    """The projection-head layer the stored classifier reads, from the release folder in the path.
+def default_head_layer(path):
+    """The projection-head layer the stored classifier reads, from the release folder in `path`
+    (as given: convert() gives the absolute path, hubconf.py the path inside the bucket).
     SimCLRv2 paper (Appendix, fine-tuning): "by default we fine-tune from the first layer of the
     projection head for 1%/10% of labeled examples, but from the input of the projection head when
     100% labels are present" -> 1 for finetuned_1pct/10pct, 0 for finetuned_100pct; 0 for
     pretrained (linear eval on h), supervised and v1. See docs/official-checkpoints.md."""
-    path = os.path.abspath(prefix)
     return 1 if "finetuned" in path and "finetuned_100pct" not in path else 0
 
 
-def distilled(prefix):
-    """Whether the path names one of the released distill_1pct / distill_10pct folders."""
-    return any(part.startswith("distill_") for part in os.path.abspath(prefix).split(os.sep))
+def distilled(path):
+    """Whether `path` (as given) names one of the released distill_1pct / distill_10pct folders."""
+    return any(part.startswith("distill_") for part in os.path.normpath(path).split(os.sep))
+
+
+def release_head_layer(path, ckpt):
+    """The head layer the stored classifier of the release checkpoint at `path` reads -> (layer, why):
+    a distilled student's from its own values (distilled_head_layer), else the release folder's rule
+    (default_head_layer; why None)."""
+    if distilled(path):
+        return distilled_head_layer(ckpt)
+    return default_head_layer(path), None
 
 
 def distilled_head_layer(ckpt):
@@ -398,10 +407,8 @@ def convert(prefix, out, head_layer=None, ema=False, extra_meta=None):
     extra_meta: entries added to (or replacing) the recorded meta, e.g. the source URL."""
     ckpt = TFCheckpoint(prefix)
     why = None
-    if head_layer is None and distilled(prefix):
-        head_layer, why = distilled_head_layer(ckpt)
     if head_layer is None:
-        head_layer = default_head_layer(prefix)
+        head_layer, why = release_head_layer(os.path.abspath(prefix), ckpt)
     config, head_config, classes, mapping = plan(ckpt.shapes, head_layer)
     if ema:
         mapping = with_averages(mapping, ckpt.shapes)

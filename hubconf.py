@@ -211,10 +211,7 @@ def _official_file(what, file_name, model, rel, places, checkpoint_dir, download
             prefix = _prefix_in_folder(local)
             source = os.path.abspath(prefix)
         ckpt = _convert.TFCheckpoint(prefix)
-        if rel.split("/")[1] in DISTILL_BUCKETS:  # no file records it: the checkpoint's own values decide
-            head_layer = _convert.distilled_head_layer(ckpt)[0]
-        else:
-            head_layer = _convert.default_head_layer(rel)  # the official rule, from the bucket name
+        head_layer = _convert.release_head_layer(rel, ckpt)[0]  # from the bucket's name, not where it lies here
         config = _convert.plan(ckpt.shapes, head_layer)[0]
         _check_architecture(what, model, config, source)
         out = os.path.join(tmp, file_name)

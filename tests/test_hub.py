@@ -177,6 +177,17 @@ def test_v2_distilled_student_is_read_from_its_teachers_folder(server, cache):
     assert files_under(cache) == ["simclrv2-distill_1pct-r50_1x_sk0.pt"]
 
 
+def test_the_head_layer_comes_from_the_bucket_not_from_the_working_folder(server, cache, tmp_path, monkeypatch):
+    """Folders named like releases around the working folder do not change what a bucket's classifier
+    reads (the fixture's head is trained: the finetuned rule and the distilled one would both say 1)."""
+    here = tmp_path / "finetuned_10pct" / "distill_1pct"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    model = load("simclr_v2", "r50_1x_sk0", bucket="pretrained")
+    assert model.head_layer == 0
+    assert_equal_to_tf(*outputs(model, R50), head_layer=0)
+
+
 def test_v1_zip_is_downloaded_and_its_checkpoint_converted(server, cache):
     model = load("simclr_v1", "r50_1x")
     assert_equal_to_tf(*outputs(model, R50), head_layer=0)  # not the hub/ module's weights (the SK1 fixture)
