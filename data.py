@@ -420,6 +420,17 @@ def balanced_subset(labels, fraction, seed=0):
     return np.sort(np.concatenate(chosen))
 
 
+def labelled_subset(dataset, subset_file, fraction, seed=0):
+    """Indices of the labelled images fine-tuning trains on (and distillation's labelled term uses):
+    those `subset_file` names (subset_from_file), else balanced_subset's `fraction` of every class,
+    drawn by `seed` among the images that have a label (STL-10's unlabeled split has -1)."""
+    if subset_file:
+        return subset_from_file(dataset, subset_file)
+    labels = labels_of(dataset)
+    has = np.flatnonzero(labels >= 0)
+    return has[balanced_subset(labels[has], fraction, seed)]
+
+
 def fit_batch(n, batch_size, world, what, hint=""):
     """The global batch for training on n images: batch_size, or, when the set is smaller,
     the whole set (rounded down to a multiple of the processes) -> (batch, note or None).

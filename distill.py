@@ -292,13 +292,8 @@ def known_labels(args, train):
     known = np.full(len(train), -1, dtype=np.int64)
     if not args.label_weight:
         return known
-    labels = data.labels_of(train)
-    if args.subset_file:
-        chosen = data.subset_from_file(train, args.subset_file)
-    else:  # finetune.py's choice for the same fraction and seed (STL-10's unlabeled images carry -1)
-        has = np.flatnonzero(labels >= 0)
-        chosen = has[data.balanced_subset(labels[has], args.label_fraction, args.seed)]
-    known[chosen] = labels[chosen]
+    chosen = data.labelled_subset(train, args.subset_file, args.label_fraction, args.seed)  # finetune.py's choice
+    known[chosen] = data.labels_of(train)[chosen]
     return known
 
 

@@ -271,8 +271,7 @@ def build_data(args, ctx):
     def build_all():
         train = data.build_dataset(args.dataset, args.data_dir, "train", args.image_size, args.synthetic_size)
         test = data.build_dataset(args.dataset, args.data_dir, "test", args.image_size, args.synthetic_size)
-        chosen = (data.subset_from_file(train, args.subset_file) if args.subset_file
-                  else data.balanced_subset(data.labels_of(train), args.label_fraction, args.seed))
+        chosen = data.labelled_subset(train, args.subset_file, args.label_fraction, args.seed)
         return train, data.first_images(test, args.max_images), chosen[:args.max_images]  # --max-images: first N
 
     train_raw, test_raw, chosen = rank0_first(ctx, build_all, data.DataError)
