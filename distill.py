@@ -35,7 +35,6 @@ results.json with the test top-1 of student and teacher and their agreement, and
 """
 import argparse
 import json
-import math
 import os
 import time
 from types import SimpleNamespace
@@ -54,7 +53,7 @@ from board import Board
 from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail, grad_scaler, rank0_first,
                          resolve_amp, run, setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
-from lars import backward_step, fine_tuning_optimizer, fused_sgd_available, warmup_cosine
+from lars import backward_step, fine_tuning_optimizer, fused_sgd_available, scaled_lr, warmup_cosine
 from loss import distillation_loss
 from model import (ARCHS, CheckpointError, Classifier, build_encoder, load_classifier, load_encoder,
                    pretrain_settings, save_classifier, tensor_bytes)
@@ -282,7 +281,7 @@ def build_data(args, ctx, classes):
     if len(train_raw) < args.batch_size:
         fail(f"the dataset has {len(train_raw)} images, fewer than one global batch of {args.batch_size}; lower --batch-size")
     per_rank = args.batch_size // ctx.world
-    peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    peak_lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
     return SimpleNamespace(args=args, ctx=ctx, train_raw=train_raw, test_raw=test_raw, labels=labels,
                            labelled=int((labels >= 0).sum()), per_rank=per_rank, peak_lr=peak_lr, phases={})
 

@@ -25,7 +25,6 @@ Protocols and every flag: docs/evaluation.md and docs/semi-supervised.md.
 """
 import argparse
 import json
-import math
 import os
 import time
 from types import SimpleNamespace
@@ -44,7 +43,7 @@ from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, StopRequest, add_amp_flags, fail, grad_scaler, rank0_first,
                          resolve_amp, run, setup, wrap_ddp, write_results)
 from features import Progress, extract_features, to_device, topk_accuracy
-from lars import backward_step, fine_tuning_optimizer, fused_sgd_available, warmup_cosine
+from lars import backward_step, fine_tuning_optimizer, fused_sgd_available, scaled_lr, warmup_cosine
 from model import (CheckpointError, Classifier, ProjectionHead, build_encoder, conv_weight_scale, load_encoder,
                    load_head, pretrain_settings, rescale_convs, save_classifier, tensor_bytes)
 
@@ -278,7 +277,7 @@ def build_data(args, ctx):
     args.batch_size, note = data.fit_batch(len(chosen), args.batch_size, ctx.world, "the labelled subset",
                                            hint="; raise --label-fraction")  # a small subset: all of it
     per_rank = args.batch_size // ctx.world
-    peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    peak_lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
     if ctx.master:  # every input is checked: now the results folder is made
         output.check_file(args.out, "--out")
         class_note = data.class_note(test_raw)  # labels are numbered by the training split's classes

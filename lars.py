@@ -149,6 +149,12 @@ def _update_loop(params, buffers, group, update):
         p.sub_(v if keep is None else v * keep)
 
 
+def scaled_lr(lr, batch_size, scaling="linear"):
+    """The peak learning rate for a global batch, as the official code's learning_rate_scaling:
+    lr x batch/256 ("linear") or lr x sqrt(batch) ("sqrt")."""
+    return lr * (batch_size / 256 if scaling == "linear" else math.sqrt(batch_size))
+
+
 def warmup_cosine(step, total_steps, peak_lr, warmup_steps=0):
     """The paper's schedule, per step: linear warmup from 0 over warmup_steps, then cosine
     decay to 0 at total_steps (official code). warmup_steps=0: plain cosine decay."""

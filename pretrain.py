@@ -20,7 +20,6 @@ options beyond the official recipe did on Fashion-MNIST: docs/results.md.
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from board import Board
 from distributed import (AMP_DTYPES, OUT_OF_MEMORY, StopRequest, add_amp_flags, all_sum, fail, grad_scaler,
                          rank0_first, resolve_amp, run, setup, wrap_ddp)
 from features import extract_features, knn_accuracy
-from lars import LARS, gradients_finite, warmup_cosine
+from lars import LARS, gradients_finite, scaled_lr, warmup_cosine
 from loss import contrast_accuracy, contrastive_logits
 from model import (ARCHS, CONV_INITS, INPUT_NORMS, CheckpointError, ProjectionHead, SimCLR, build_encoder,
                    save_encoder, tensor_bytes, unwrap)
@@ -332,7 +331,7 @@ def main():
     check_compile(args, ctx)
     args.distort_on = args.distort_on or ("device" if ctx.cuda else "workers")
     per_rank = args.batch_size // world
-    peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    peak_lr = scaled_lr(args.lr, args.batch_size, args.lr_scaling)
     ckpt_path = prepare_out(args, master)  # decides the resume; makes nothing yet
     board = Board(os.path.join(args.out, "tensorboard"), args.tensorboard, master)  # rank 0 writes, from the first log line
     loader, views, knn = build_data(args, ctx, per_rank)  # make_loader checks /dev/shm for their batches
