@@ -361,19 +361,39 @@ def with_averages(mapping, shapes):
     return out
 
 
+# The folders of the official release (gs://simclr-checkpoints/simclrv2/...) and the projection-head
+# layer each one's stored classifier reads. SimCLRv2 paper (Appendix, fine-tuning): "by default we
+# fine-tune from the first layer of the projection head for 1%/10% of labeled examples, but from the
+# input of the projection head when 100% labels are present"; pretrained (linear eval on h),
+# supervised and v1 read h. The distill_* students are decided by their own values (distilled_head_layer).
+RELEASE_FOLDERS = {"pretrained": 0, "supervised": 0, "finetuned_100pct": 0, "finetuned_1pct": 1, "finetuned_10pct": 1,
+                   "distill_1pct": None, "distill_10pct": None}
+
+
+def release_folder(path):
+    """The release folder (a RELEASE_FOLDERS name) nearest the file in `path` (as given), or None:
+    a copy kept under /data/finetuned_10pct/simclrv2/pretrained/ is a pretrained checkpoint."""
+    parts = os.path.normpath(path).split(os.sep)
+    return next((part for part in reversed(parts) if part in RELEASE_FOLDERS), None)
+
+
 def default_head_layer(path):
     """The projection-head layer the stored classifier reads, from the release folder in `path`
-    (as given: convert() gives the absolute path, hubconf.py the path inside the bucket).
-    SimCLRv2 paper (Appendix, fine-tuning): "by default we fine-tune from the first layer of the
-    projection head for 1%/10% of labeled examples, but from the input of the projection head when
-    100% labels are present" -> 1 for finetuned_1pct/10pct, 0 for finetuned_100pct; 0 for
-    pretrained (linear eval on h), supervised and v1. See docs/official-checkpoints.md."""
-    return 1 if "finetuned" in path and "finetuned_100pct" not in path else 0
+    (as given: convert() gives the absolute path, hubconf.py the path inside the bucket): 1 for
+    finetuned_1pct/10pct, else 0 (RELEASE_FOLDERS). A path that names no release folder is read by
+    its folder names: 1 if one contains "finetuned" but not "finetuned_100pct" (a renamed copy such
+    as finetuned_10pct_r50), else 0. See docs/official-checkpoints.md."""
+    folder = release_folder(path)
+    if folder is not None:
+        return RELEASE_FOLDERS[folder] or 0
+    parts = os.path.normpath(path).split(os.sep)
+    return int(any("finetuned" in part and "finetuned_100pct" not in part for part in parts))
 
 
 def distilled(path):
-    """Whether `path` (as given) names one of the released distill_1pct / distill_10pct folders."""
-    return any(part.startswith("distill_") for part in os.path.normpath(path).split(os.sep))
+    """Whether `path` (as given) lies in one of the released distill_1pct / distill_10pct folders
+    (the release folder nearest the file)."""
+    return (release_folder(path) or "").startswith("distill_")
 
 
 def release_head_layer(path, ckpt):
@@ -453,7 +473,8 @@ def get_args(argv=None):
     p.add_argument("--head-layer", type=int, default=None,
                    help="projection-head layer the stored classifier reads (official ft_proj_selector): 0 = h "
                         "(v1, v2 pretrained, supervised, finetuned_100pct), 1 = v2 finetuned_1pct/10pct (SimCLRv2 "
-                        "paper); default: 1 if the path names 'finetuned' but not 'finetuned_100pct', else 0; "
+                        "paper); default: from the release folder nearest the file (1 for finetuned_1pct/10pct, else 0; a "
+                        "path naming none: 1 if a folder contains 'finetuned' but not 'finetuned_100pct'); "
                         "distill_* students: 1 if their first head layer was trained, else 0")
     p.add_argument("--ema", action="store_true",
                    help="take every trained variable from its ExponentialMovingAverage copy (checkpoints of runs "

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from convert_official import (ConvertError, TFCheckpoint, convert, default_head_layer, distilled_head_layer, plan,
-                              resolve_prefix)
+from convert_official import (ConvertError, TFCheckpoint, convert, default_head_layer, distilled, distilled_head_layer,
+                              plan, resolve_prefix)
 from model import build_encoder, load_encoder, load_head
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "official_r50_w0125", "model.ckpt-0")
@@ -225,9 +225,23 @@ def test_official_resnet18_and_34_layouts_map_completely(name, arch, cifar):
 @pytest.mark.parametrize("path,layer", [
     ("simclrv2/finetuned_1pct/r50_1x_sk1/model.ckpt-1", 1), ("simclrv2/finetuned_10pct/r152_3x_sk1/model.ckpt-1", 1),
     ("simclrv2/finetuned_100pct/r50_1x_sk1/model.ckpt-1", 0), ("simclrv2/pretrained/r50_1x_sk1/model.ckpt-1", 0),
-    ("simclrv2/supervised/r50_1x_sk1/model.ckpt-1", 0), ("ResNet50_1x/model.ckpt-225206", 0)])
+    ("simclrv2/supervised/r50_1x_sk1/model.ckpt-1", 0), ("ResNet50_1x/model.ckpt-225206", 0),
+    # the release folder nearest the file decides, whatever the user's own folders are called
+    ("/data/my_finetuned_runs/simclrv2/pretrained/r50_1x_sk1/model.ckpt-1", 0),
+    ("/data/finetuned_10pct/simclrv2/finetuned_100pct/r50_1x_sk1/model.ckpt-1", 0),
+    ("/data/pretrained/simclrv2/finetuned_1pct/r50_1x_sk1/model.ckpt-1", 1),
+    # no release folder named: a renamed copy of a fine-tuned one still reads layer 1
+    ("/data/finetuned_10pct_r50/model.ckpt-1", 1), ("/data/r50_1x_sk1/model.ckpt-1", 0)])
 def test_default_head_layer_follows_the_release_folder(path, layer):
     assert default_head_layer(path) == layer  # SimCLRv2 paper: layer 1 for 1% and 10%, h for 100%
+
+
+@pytest.mark.parametrize("path,student", [
+    ("simclrv2/distill_1pct/r152_3x_sk1/r50_1x_sk0/model.ckpt-1", True),
+    ("/data/distill_runs/simclrv2/pretrained/r50_1x_sk0/model.ckpt-1", False),
+    ("/data/distill_10pct/simclrv2/finetuned_10pct/r50_1x_sk0/model.ckpt-1", False)])
+def test_a_distilled_student_is_recognised_by_its_release_folder(path, student):
+    assert distilled(path) == student
 
 
 def test_squeeze_excitation_and_unknown_layouts_are_refused():
