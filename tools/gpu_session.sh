@@ -23,13 +23,14 @@ export PYTHONUNBUFFERED=1
 cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc alone counts OMP_NUM_THREADS=1 as one CPU)
 workers=$(( cpus < 16 ? cpus : 16 ))
 
-step() {  # [SIGNAL=INT] step NAME SECONDS COMMAND...: run it, its output to the terminal and $out/NAME.log
-    local name=$1 limit=$2
+step() {  # step NAME SECONDS COMMAND...: run it, its output to the terminal and $out/NAME.log
+    local name=$1 limit=$2 signal=TERM
     shift 2
+    [ "$1 ${2:-} ${3:-}" = "python -m pytest" ] && signal=INT  # pytest prints its summary on SIGINT only
     [ "$1" = python ] && set -- "$python" "${@:2}"
     echo "== $name: $* (limit ${limit} s)" | tee -a "$out/$name.log"
     local t0=$SECONDS
-    timeout --signal="${SIGNAL:-TERM}" --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+    timeout --signal=$signal --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
 }
 
@@ -40,12 +41,13 @@ echo "$cpus CPUs; $python; shared memory of the data workers: $(df -h /dev/shm 2
 
 case $part in
 tests)
-    SIGNAL=INT step test_cuda 390 python -m pytest -q -rfEs --durations=25 tests/test_cuda.py
+    step test_cuda 390 python -m pytest -q -rfEs --durations=25 tests/test_cuda.py
     step bench 170 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
     ;;
 profile)
+    # the trace gzipped (torch.profiler does it for a .gz name): a file that comes back is 16 MiB at most
     step profile 170 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 256 --blur-forms \
-        --trace "$out/trace256.json.gz"  # gzipped (torch.profiler does it for .gz): a file back is 16 MiB at most
+        --trace "$out/trace256.json.gz"
     step profile 120 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 512
     step bench 180 python bench.py --device cuda --workers "$workers" --only step,epoch --batch-size 512 \
         --json "$out/bench512.json"
@@ -83,7 +85,7 @@ compile)
     done
     ;;
 suite)
-    SIGNAL=INT step suite 560 python -m pytest -q -rfEs -x --ignore tests/test_cuda.py tests
+    step suite 560 python -m pytest -q -rfEs -x --ignore tests/test_cuda.py tests
     ;;
 *)
     echo "unknown part $part: tests, profile, runs, compile or suite" >&2
