@@ -10,10 +10,13 @@
 #   bash tools/gpu_session.sh suite     # the rest of the test suite on the device's torch
 #
 # Every command runs under its own time limit, so a part always returns what it has; a part's limits
-# add up to 560 s or less (and each command may take 10 s more to be killed).
+# add up to 560 s or less (and each command may take 10 s more to be killed). pytest is stopped at its
+# limit with SIGINT, on which it still prints its failures and summary (SIGTERM would end it silently).
+# $PYTHON, else python3 (the GPU machines' image has its torch there), else python, runs everything.
 set -u -o pipefail
 part=${1:?"usage: bash tools/gpu_session.sh tests|profile|runs|compile|suite"}
 out=${OUT:-gpu_out}
+python=${PYTHON:-$(command -v python3 || command -v python)}  # what `python` in a step below runs
 runs=${TMPDIR:-/tmp}/simclr_gpu_session  # pretraining outputs: not returned, not in the repository
 mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1
@@ -21,25 +24,30 @@ cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc alone counts 
 workers=$(( cpus < 16 ? cpus : 16 ))
 
 step() {  # step NAME SECONDS COMMAND...: run it, its output to the terminal and $out/NAME.log
-    local name=$1 limit=$2
+    local name=$1 limit=$2 signal=TERM
     shift 2
+    [ "$1 ${2:-} ${3:-}" = "python -m pytest" ] && signal=INT  # pytest prints its summary on SIGINT only
+    [ "$1" = python ] && set -- "$python" "${@:2}"
     echo "== $name: $* (limit ${limit} s)" | tee -a "$out/$name.log"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+    timeout --signal=$signal --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" >> "$out/gpu.txt"
+timeout 120 "$python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+    >> "$out/gpu.txt" 2>&1
+echo "$cpus CPUs; $python; shared memory of the data workers: $(df -h /dev/shm 2>&1 | tail -1)" >> "$out/gpu.txt"
 
 case $part in
 tests)
-    step test_cuda 390 python -m pytest -q -rs --durations=25 tests/test_cuda.py
+    step test_cuda 390 python -m pytest -q -rfEs --durations=25 tests/test_cuda.py
     step bench 170 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
     ;;
 profile)
+    # the trace gzipped (torch.profiler does it for a .gz name): a file that comes back is 16 MiB at most
     step profile 170 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 256 --blur-forms \
-        --trace "$out/trace256.json"
+        --trace "$out/trace256.json.gz"
     step profile 120 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 512
     step bench 180 python bench.py --device cuda --workers "$workers" --only step,epoch --batch-size 512 \
         --json "$out/bench512.json"
@@ -77,7 +85,7 @@ compile)
     done
     ;;
 suite)
-    step suite 560 python -m pytest -q -x --ignore tests/test_cuda.py tests
+    step suite 560 python -m pytest -q -rfEs -x --ignore tests/test_cuda.py tests
     ;;
 *)
     echo "unknown part $part: tests, profile, runs, compile or suite" >&2

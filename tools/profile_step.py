@@ -15,6 +15,7 @@ a depthwise 2-D convolution with one channel per image channel, on the same batc
 checks that they agree.
 """
 import argparse
+import bisect
 import functools
 import os
 import sys
@@ -22,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,9 +81,37 @@ def label_the_parts(model, optimizer):
     return labelled(pretrain.to_device_views, "copy + distortion")
 
 
-def device_time(event):
-    """Kernel time under a profiler event, microseconds (the attribute's name changed in torch 2.4)."""
-    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+def part_times(events, names):
+    """{name: (calls, CPU microseconds, GPU microseconds)} of the labelled parts, from the profile's
+    events: each part's CPU ranges, and the kernels launched inside them from any thread. (Not the
+    averages by name: with CUDA activities each label has a second entry there, its GPU annotation,
+    pytorch/pytorch#144613, with no CPU time and its device time the span from its first kernel to
+    its last, idle gaps included; and the backward pass's kernels are launched by autograd's own
+    thread for the device, outside the calling thread's "backward" range but inside its time.)
+    Each kernel is recorded on the one operator that launched it; a range (record_function, ours or
+    torch's) launches none, and what may be recorded on it is its GPU annotation, not counted."""
+    ops = sorted((e for e in events if e.device_type == DeviceType.CPU and not e.is_async),
+                 key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in ops]
+    out = {}
+    for e in ops:
+        if e.name in names:
+            start, end = e.time_range.start, e.time_range.end
+            inside = ops[bisect.bisect_left(starts, start):bisect.bisect_right(starts, end)]
+            gpu = sum(k.duration for op in inside
+                      if op.time_range.end <= end and not getattr(op, "is_user_annotation", False) for k in op.kernels)
+            calls, cpu, device = out.get(e.name, (0, 0.0, 0.0))
+            out[e.name] = (calls + 1, cpu + (end - start), device + gpu)
+    return out
+
+
+def operators_only(averages):
+    """The averages without the labels' GPU annotations, whose "self" device time is their whole
+    span: they would head a table sorted by it. Filtered in place, so that the list keeps what
+    EventList.table reads from it."""
+    averages[:] = [e for e in averages
+                   if not (getattr(e, "is_user_annotation", False) and e.device_type != DeviceType.CPU)]
+    return averages
 
 
 def blur_depthwise(x, sigma, kernel_size):
@@ -168,7 +198,7 @@ def main():
     if args.trace:
         prof.export_chrome_trace(args.trace)
 
-    events = {e.key: e for e in prof.key_averages()}
+    parts = part_times(prof.events(), PARTS)
     print(f"torch {torch.__version__}, {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, "
           f"{amp_text}, "
           f"{args.arch}, {args.image_size} px, {args.batch_size} images (x2 views) per step, {args.workers} workers, "
@@ -177,14 +207,14 @@ def main():
     print(f"\n[parts] per step{', GPU time of the kernels each launched' if cuda else ''} (nested parts "
           "are inside the one above them)")
     for name in PARTS:
-        e = events.get(name)
-        if e is not None:
-            gpu = f"   GPU {device_time(e) / 1e3 / args.steps:8.2f} ms" if cuda else ""
-            print(f"  {name:22s} CPU {e.cpu_time_total / 1e3 / args.steps:8.2f} ms{gpu}   {e.count // args.steps:4d} calls")
+        if name in parts:
+            calls, cpu_us, gpu_us = parts[name]
+            gpu = f"   GPU {gpu_us / 1e3 / args.steps:8.2f} ms" if cuda else ""
+            print(f"  {name:22s} CPU {cpu_us / 1e3 / args.steps:8.2f} ms{gpu}   {calls // args.steps:4d} calls")
     sort = ("self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total")
             else "self_cuda_time_total") if cuda else "self_cpu_time_total"
     print(f"\n[operators] top {args.top} by {sort}, over {args.steps} steps")
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=48))
+    print(operators_only(prof.key_averages()).table(sort_by=sort, row_limit=args.top, max_name_column_width=48))
     if args.blur_forms:
         time_blur_forms(args, device, sync)
 
