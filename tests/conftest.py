@@ -64,7 +64,9 @@ def run_script(args, cwd, torchrun=0, timeout=600, cuda=False, cpus=None):
 
 
 def communicate(proc, timeout):
-    """proc.communicate(timeout); past it, kill the process and all its descendants and fail the test."""
+    """proc.communicate(timeout); past it, kill the process and all its descendants and fail the test.
+    An interrupted wait (Ctrl-C, or the SIGINT of tools/gpu_session.sh at a part's limit) kills them
+    too: the child runs in a session of its own, so nothing else would stop torchrun's workers."""
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -72,6 +74,9 @@ def communicate(proc, timeout):
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(map(str, proc.args))} did not exit within {timeout} s; killed it and "
                              f"its processes\n{out[-2000:]}\n{err[-2000:]}") from None
+    except BaseException:
+        kill_tree(proc.pid)
+        raise
 
 
 def descendants(pid):

@@ -2,8 +2,11 @@
 the chosen GPU; a row or a section that fails leaves the rest of the output and the JSON."""
 import argparse
 import ast
+import importlib.util
 import json
+import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -217,3 +220,32 @@ def test_profile_step_labels_every_part_and_compares_the_blur_forms(tmp_path):
     gap = float(result.stdout.split("largest difference between the two: ")[1].split()[0])
     assert gap < 1e-6  # the two forms compute the same blur
     assert (tmp_path / "trace.json").stat().st_size > 1000
+
+
+def test_profile_step_parts_take_the_cpu_ranges_and_every_thread_kernels():
+    """A CUDA profile's structure, faked (no GPU here): each label has its CPU range (with a GPU annotation
+    maybe linked to it as a "kernel") and a GPU annotation of its own (device CUDA, CPU time 0), and
+    backward's kernels are launched by autograd's device thread. [parts] takes the CPU ranges and the
+    kernels of every operator inside them, whichever thread; [operators] leaves the annotations out."""
+    from torch.autograd import DeviceType
+    path = os.path.join(ROOT, "tools", "profile_step.py")
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+
+    def event(name, start, end, thread=1, device=DeviceType.CPU, kernels=(), annotation=False):
+        return SimpleNamespace(name=name, key=name, time_range=SimpleNamespace(start=start, end=end), thread=thread,
+                               device_type=device, is_async=False, is_user_annotation=annotation,
+                               kernels=[SimpleNamespace(duration=d) for d in kernels])
+    events = [event("forward", 0, 10, annotation=True, kernels=[9]), event("aten::conv", 1, 5, kernels=[3]),
+              event("aten::relu", 6, 8, kernels=[1]), event("forward", 2, 30, device=DeviceType.CUDA, annotation=True),
+              event("backward", 10, 40, annotation=True), event("aten::conv_backward", 12, 20, thread=2, kernels=[5, 2]),
+              event("aten::mul", 21, 25, thread=2, kernels=[1]), event("aten::late", 39, 45, thread=2, kernels=[100]),
+              event("forward", 50, 60, annotation=True), event("aten::conv", 51, 55, kernels=[4])]
+    assert profile_step.part_times(events, ("forward", "backward", "lars")) == {"forward": (2, 20, 8),
+                                                                              "backward": (1, 30, 8)}
+    averages = [event("forward", 0, 1, annotation=True), event("forward", 0, 1, device=DeviceType.CUDA, annotation=True),
+                event("aten::conv", 0, 1), event("void cudnn_kernel", 0, 1, device=DeviceType.CUDA)]
+    assert profile_step.operators_only(averages) is averages
+    assert [(e.name, e.device_type) for e in averages] == [("forward", DeviceType.CPU), ("aten::conv", DeviceType.CPU),
+                                                          ("void cudnn_kernel", DeviceType.CUDA)]

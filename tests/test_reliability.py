@@ -246,3 +246,34 @@ def test_when_one_process_dies_the_others_exit_in_bounded_time(tmp_path):
                for pid in trainers)
     assert read_checkpoint(tmp_path / "run" / "ckpt.pt")["epoch"] >= 1  # the last checkpoint is intact
     print(f"all processes gone {elapsed:.1f} s after rank 1 was killed")
+
+
+def test_an_interrupted_wait_kills_the_script_and_its_processes(tmp_path):
+    """conftest.communicate, interrupted (Ctrl-C, or tools/gpu_session.sh's SIGINT at a part's limit),
+    kills the script and the processes it started in sessions of their own (as torchrun starts its
+    ranks), instead of leaving them running on a GPU nobody watches."""
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    child = int(proc.stdout.readline())
+
+    def interrupted(timeout=None):
+        raise KeyboardInterrupt
+    proc.communicate = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        communicate(proc, 60)
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{child}") and time.time() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):  # killed, not yet reaped by init
+                    break
+        except FileNotFoundError:  # gone between the two looks
+            break
+        time.sleep(0.1)
+    else:
+        assert not os.path.exists(f"/proc/{child}"), "the script's own child still runs"
