@@ -2,7 +2,8 @@
 for the GPU (torch.cuda.set_sync_debug_mode("error") turns every device-to-host
 synchronisation into an exception); the device distortion gives the CPU's views; autocast
 keeps the loss float32; SyncBatchNorm's kernels; two processes on one GPU against one process
-on the global batch (SyncBatchNorm's statistics, the loss's cross-rank gather, DDP);
+on the global batch (SyncBatchNorm's statistics, the loss's cross-rank gather, DDP), and
+activation checkpointing with SyncBatchNorm there;
 pretrain.py under torchrun with NCCL, resumed on the GPU; the evaluation scripts and bench.py
 on the GPU; DDP on the GPU a process sees when LOCAL_RANK counts further; finetune.py's v2 recipe
 stopped and resumed, distill.py under torchrun (its teacher watched) and in two processes against
@@ -390,6 +391,23 @@ def test_two_processes_on_one_gpu_match_one_process_on_the_global_batch(tmp_path
     worst = max(((local_grads[k] - g).norm() / g.norm()).item() for k, g in grads.items())
     assert worst > 1e-2, worst
     assert max((local_stats[k] - v).abs().max().item() for k, v in stats.items() if "running_" in k) > 1e-3
+
+
+def test_checkpointing_with_syncbatchnorm_in_two_processes_is_exact(tmp_path):
+    """pretrain.py --activation-checkpointing with several GPUs: the recomputation inside the backward
+    pass runs SyncBatchNorm's autograd function again, with its all-gather of the statistics, while
+    the running statistics stay frozen (model.frozen_running_stats). Two processes on one GPU (gloo on
+    CUDA tensors, tests/checkpointing_worker.py --cuda), two LARS steps with and without checkpointing:
+    the same losses, gradients, running statistics (moved once per step) and weights, as
+    tests/test_checkpointing.py checks on the CPU, where there is no SyncBatchNorm."""
+    from test_checkpointing import assert_same_steps
+    out = tmp_path / "ckpt.pt"
+    result = run_script(["tests/checkpointing_worker.py", out, "--cuda"], tmp_path, torchrun=2, cuda=True,
+                        timeout=GPU_RUN_SECONDS)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    assert got[False][0][1]["buffers"]["encoder.bn1.num_batches_tracked"] == 2  # not 4: one update per step
+    assert_same_steps(got[False], got[True])
 
 
 # ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import inspect
 import os
 import re
 import shlex
+import subprocess
 import sys
 import types
 
@@ -329,7 +330,7 @@ def test_the_local_rank_scan_finds_each_form(code):
 
 SESSION = os.path.join(ROOT, "tools", "gpu_session.sh")
 # The values the session's shell variables and loops take (every loop value is a valid flag value too).
-SHELL_VALUES = {"workers": "16", "out": "gpu_out", "runs": "/tmp/simclr_gpu_session", "size": "224",
+SHELL_VALUES = {"workers": "16", "bench_workers": "16", "out": "gpu_out", "runs": "/tmp/simclr_gpu_session", "size": "224",
                 "arch": "resnet50", "mode": "compile"}
 
 
@@ -390,6 +391,27 @@ def test_every_gpu_session_command_takes_its_scripts_flags(monkeypatch):
             {"linear_eval.py": linear_eval, "finetune.py": finetune, "distill.py": distill}[script].get_args(flags)
     assert scripts == {"bench.py", "tools/profile_step.py", "pretrain.py", "linear_eval.py", "finetune.py", "distill.py"}
     assert any("--compile" in argv for argv in commands)
+
+
+@pytest.mark.parametrize("shm_free,workers,bench_workers", [
+    (50 * 10**9, 16, 16), (10 * 10**9, 16, 8), (10**9, 3, 0), (64 * 2**20, 0, 0), (None, 16, 16)])
+def test_gpu_session_gives_the_workers_what_dev_shm_holds(tmp_path, shm_free, workers, bench_workers):
+    """On 16 CPUs, gpu_session.sh runs 16 data workers, fewer where /dev/shm cannot hold two of their
+    batches each (154 MB of uint8 crops; bench.py's float32 views 4x), so a small /dev/shm does not
+    cost a whole part (data.check_shared_memory would stop each script); no answer from df: 16."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"nproc": "echo 16", "nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'",
+             "df": "echo Avail; echo ' %s'" % shm_free if shm_free else "exit 1"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "PYTHON": "true",
+           "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", SESSION, "no-such-part"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown part no-such-part" in result.stderr, result.stderr
+    record = (tmp_path / "out" / "gpu.txt").read_text()
+    assert f"16 CPUs, {workers} data workers ({bench_workers} for bench.py)" in record, record
 
 
 # ----------------------------------------------------------------------------

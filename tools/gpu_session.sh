@@ -22,6 +22,16 @@ mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1
 cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc alone counts OMP_NUM_THREADS=1 as one CPU)
 workers=$(( cpus < 16 ? cpus : 16 ))
+# The workers hand batches over in /dev/shm, two batches per worker (data.check_shared_memory stops a
+# script in one line when they would not fit): pretraining's 512 images x 2 views of 224 px in uint8 are
+# 154 MB; bench.py's path (b) makes whole float32 views, 4x that. A small /dev/shm (Docker's default is
+# 64 MB) gets fewer workers, not a lost part: $workers for the uint8 batches, $bench_workers for bench.py.
+shm=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -n 1 | tr -d ' ')
+fit() {  # fit BYTES_PER_BATCH: the workers /dev/shm holds two such batches of, at most $workers
+    if [[ $shm =~ ^[0-9]+$ ]] && (( shm / (2 * $1) < workers )); then echo $(( shm / (2 * $1) )); else echo "$workers"; fi
+}
+bench_workers=$(fit $(( 4 * 2 * 3 * 224 * 224 * 512 )))
+workers=$(fit $(( 2 * 3 * 224 * 224 * 512 )))
 
 step() {  # step NAME SECONDS COMMAND...: run it, its output to the terminal and $out/NAME.log
     local name=$1 limit=$2 signal=TERM
@@ -37,19 +47,20 @@ step() {  # step NAME SECONDS COMMAND...: run it, its output to the terminal and
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 timeout 120 "$python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
     >> "$out/gpu.txt" 2>&1
-echo "$cpus CPUs; $python; shared memory of the data workers: $(df -h /dev/shm 2>&1 | tail -1)" >> "$out/gpu.txt"
+echo "$cpus CPUs, $workers data workers ($bench_workers for bench.py); $python;" \
+    "shared memory of the data workers: $(df -h /dev/shm 2>&1 | tail -1)" >> "$out/gpu.txt"
 
 case $part in
 tests)
-    step test_cuda 390 python -m pytest -q -rfEs --durations=25 tests/test_cuda.py
-    step bench 170 python bench.py --device cuda --workers "$workers" --only step,loss,memory --json "$out/bench.json"
+    step test_cuda 400 python -m pytest -q -rfEs --durations=25 tests/test_cuda.py
+    step bench 160 python bench.py --device cuda --workers "$bench_workers" --only step,loss,memory --json "$out/bench.json"
     ;;
 profile)
     # the trace gzipped (torch.profiler does it for a .gz name): a file that comes back is 16 MiB at most
     step profile 170 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 256 --blur-forms \
         --trace "$out/trace256.json.gz"
     step profile 120 python tools/profile_step.py --device cuda --workers "$workers" --batch-size 512
-    step bench 180 python bench.py --device cuda --workers "$workers" --only step,epoch --batch-size 512 \
+    step bench 180 python bench.py --device cuda --workers "$bench_workers" --only step,epoch --batch-size 512 \
         --json "$out/bench512.json"
     # the data workers' CPU work per image (one thread), also on large photos: 36 s on an AMD EPYC
     step views 60 python bench.py --only views --json "$out/views.json"
