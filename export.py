@@ -238,23 +238,28 @@ def folder_features(args, encoder, ckpt, ctx):
                                                    hint="without --strict-data unreadable images are skipped and "
                                                         "listed"),
                               args.batch_size, train=False, workers=workers, pin_memory=ctx.cuda)
-    print(f"{amp_text}; {data.describe(images, 'folder', args.data_dir, None).split(': ', 1)[1]}, {size} px, "
-          f"encoder {encoder.config}", flush=True)
+    if ctx.master:
+        print(f"{amp_text}; {data.describe(images, 'folder', args.data_dir, None).split(': ', 1)[1]}, {size} px, "
+              f"encoder {encoder.config}", flush=True)
     # eval mode: BN uses the statistics from pretraining, as in the evaluation scripts
     feats, made_from = extract_features(encoder.to(ctx.device).eval(), loader, ctx.device, AMP_DTYPES[args.amp],
                                         what="features")
     readable = (made_from.cpu() == torch.arange(len(images))).numpy()  # rows of stand-ins are dropped
     paths = np.array([p for p, _ in images.samples])
     unreadable = paths[~readable]
-    if len(unreadable):
+    if len(unreadable) and ctx.master:
         print(f"skipped {len(unreadable)} unreadable image{'s' if len(unreadable) > 1 else ''} of {len(images)} "
               f"(warnings above; --strict-data stops at the first)", flush=True)
     return feats.float().cpu()[torch.from_numpy(readable)], paths[readable], unreadable, size
 
 
 def export_features(args, encoder, ckpt):
+    """Under torchrun each process embeds its share of the images and gets every row
+    (extract_features gathers them); rank 0 writes the file."""
     ctx = setup()
     feats, paths, unreadable, size = folder_features(args, encoder, ckpt, ctx)
+    if not ctx.master:
+        return
     output.write_atomic(args.out, lambda tmp: np.savez(tmp, features=feats.numpy(), paths=paths, unreadable=unreadable,
                                                        image_size=np.array(size),
                                                        encoder=np.array(json.dumps(encoder.config))),
@@ -325,6 +330,8 @@ def export_neighbours(args, encoder, ckpt):
         feats, paths, _, size = folder_features(args, encoder, ckpt, ctx)
         if len(paths) < 2:
             fail(f"{args.data_dir} has {len(paths)} readable image; the picture needs at least 2")
+    if not ctx.master:  # under torchrun the others helped embed the folder; rank 0 searches and draws
+        return
     outside, rows, query_paths = choose_queries(args, encoder, paths, size, ctx)
     queries = feats[rows.clamp(min=0)]
     if outside is not None:

@@ -131,6 +131,14 @@ def test_features_of_a_folder_with_their_paths(run, tmp_path):
         expected = encoder(x.float() / 255)
     assert saved["features"].shape == (3, 128) and saved["features"].dtype == np.float32
     np.testing.assert_allclose(saved["features"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    # under torchrun each process embeds its share (3 images: one of 2 and one of 1 padded to 2) and
+    # gets every row; rank 0 writes the file and prints, once
+    result = run("export.py", "enc.pt", "--to", "features", "--data-dir", "imgs", "f2.npz", "--workers", "0",
+                 torchrun=2)
+    assert result.stdout.count("wrote f2.npz") == 1 and result.stdout.count("3 images under imgs") == 1, result.stdout
+    shared = np.load(tmp_path / "f2.npz")
+    assert list(shared["paths"]) == list(saved["paths"])
+    np.testing.assert_allclose(shared["features"], saved["features"], rtol=1e-5, atol=1e-6)
 
 
 def test_input_normalisation_travels_as_detectron2s_pixel_mean_and_std():
