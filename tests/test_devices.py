@@ -330,7 +330,7 @@ def test_the_local_rank_scan_finds_each_form(code):
 
 SESSION = os.path.join(ROOT, "tools", "gpu_session.sh")
 # The values the session's shell variables and loops take (every loop value is a valid flag value too).
-SHELL_VALUES = {"workers": "16", "bench_workers": "16", "out": "gpu_out", "runs": "/tmp/simclr_gpu_session", "size": "224",
+SHELL_VALUES = {"workers": "16", "bench_workers": "16", "limit": "220", "out": "gpu_out", "runs": "/tmp/simclr_gpu_session", "size": "224",
                 "arch": "resnet50", "mode": "compile"}
 
 
@@ -393,22 +393,43 @@ def test_every_gpu_session_command_takes_its_scripts_flags(monkeypatch):
     assert any("--compile" in argv for argv in commands)
 
 
+def fake_session_tools(tmp_path, shm_free=None):
+    """A bin/ folder for gpu_session.sh on the CPU: 16 CPUs, an H200, df saying `shm_free` bytes
+    (None: df fails), and a `timeout` that appends its arguments to tmp_path/timeouts and runs nothing
+    -> the environment to run the script in."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"nproc": "echo 16", "nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'",
+             "df": "echo Avail; echo ' %s'" % shm_free if shm_free else "exit 1",
+             "timeout": f'echo "$*" >> {tmp_path / "timeouts"}'}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "PYTHON": "true",
+            "TMPDIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize("part", ["tests", "profile", "runs", "compile", "suite"])
+def test_each_gpu_session_part_fits_one_command(tmp_path, part):
+    """The limits gpu_session.sh gives a part's commands (read off the `timeout` each one runs under)
+    add up to 560 s or less, so that the part with its kill grace fits one 600 s device command."""
+    result = subprocess.run(["bash", SESSION, part], env=fake_session_tools(tmp_path), capture_output=True, text=True,
+                            timeout=60)
+    steps = [line.split() for line in (tmp_path / "timeouts").read_text().splitlines() if line.startswith("--signal=")]
+    limits = [int(argv[2]) for argv in steps]  # --signal=S --kill-after=10 LIMIT COMMAND...
+    assert steps and all(argv[1] == "--kill-after=10" for argv in steps), result.stdout + result.stderr
+    assert sum(limits) <= 560, limits
+    assert len(steps) == {"tests": 2, "profile": 4, "runs": 4, "compile": 4, "suite": 1}[part], steps
+
+
 @pytest.mark.parametrize("shm_free,workers,bench_workers", [
     (50 * 10**9, 16, 16), (10 * 10**9, 16, 8), (10**9, 3, 0), (64 * 2**20, 0, 0), (None, 16, 16)])
 def test_gpu_session_gives_the_workers_what_dev_shm_holds(tmp_path, shm_free, workers, bench_workers):
     """On 16 CPUs, gpu_session.sh runs 16 data workers, fewer where /dev/shm cannot hold two of their
     batches each (154 MB of uint8 crops; bench.py's float32 views 4x), so a small /dev/shm does not
     cost a whole part (data.check_shared_memory would stop each script); no answer from df: 16."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fakes = {"nproc": "echo 16", "nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'",
-             "df": "echo Avail; echo ' %s'" % shm_free if shm_free else "exit 1"}
-    for name, body in fakes.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "PYTHON": "true",
-           "TMPDIR": str(tmp_path)}
-    result = subprocess.run(["bash", SESSION, "no-such-part"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", SESSION, "no-such-part"], env=fake_session_tools(tmp_path, shm_free),
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown part no-such-part" in result.stderr, result.stderr
     record = (tmp_path / "out" / "gpu.txt").read_text()
     assert f"16 CPUs, {workers} data workers ({bench_workers} for bench.py)" in record, record
