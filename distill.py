@@ -243,8 +243,7 @@ def build_models(job, teacher):
     gradients), the optimizer and fp16's loss scaler."""
     args, ctx = job.args, job.ctx
     encoder = student_encoder(args, teacher)
-    if flags.image_size_problem(args.image_size, encoder.config["cifar_stem"]):
-        fail(flags.image_size_problem(args.image_size, encoder.config["cifar_stem"]))
+    flags.check_image_size(fail, args.image_size, encoder.config["cifar_stem"])
     # PyTorch's default init, not zeros: LARS scales the classifier's steps by its norm (as the colab's
     # Keras layer starts from its default init; the fine-tuning code zero-initialises but excludes it)
     student = Classifier(encoder, nn.Linear(encoder.feature_dim, teacher.classes)).to(ctx.device)

@@ -220,8 +220,7 @@ def eval_image_size(args, encoder, ckpt, recorded=None):
     """The evaluation transform's size: --image-size, else the one the features were made at (a
     features file's), else the pretraining one; one line if the encoder's stem cannot take it."""
     size = args.image_size or recorded or pretrain_settings(ckpt).get("image_size") or 224
-    if flags.image_size_problem(size, encoder.config["cifar_stem"]):
-        fail(flags.image_size_problem(size, encoder.config["cifar_stem"]))
+    flags.check_image_size(fail, size, encoder.config["cifar_stem"])
     return size
 
 

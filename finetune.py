@@ -258,8 +258,7 @@ def resolve(args, settings, proj, cifar_stem=False):
         args.out = f"{os.path.splitext(args.checkpoint)[0]}.finetune_{tag}{'_random_init' if args.random_init else ''}"
         args.out += f"_first{args.max_images}.json" if args.max_images else ".json"  # a dry run keeps the real results
     flags.check(fail, args, NUMBER_RANGES)  # the defaults filled in here too
-    if flags.image_size_problem(args.image_size, cifar_stem):
-        fail(flags.image_size_problem(args.image_size, cifar_stem))
+    flags.check_image_size(fail, args.image_size, cifar_stem)
     output.check_file(args.out, "--out", create_folder=False)  # NAME.pt and NAME.ckpt.pt go beside it
     return recipe_text
 

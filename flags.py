@@ -5,7 +5,7 @@ one line that names the flag, the interval and the value given.
                           "epochs": "[1, inf)"})
 
 Intervals are written as in mathematics: "[0, 1)" takes 0 and not 1, "inf" is unbounded.
-Flags whose value is None (not given, no default) are left alone. image_size_problem: the
+Flags whose value is None (not given, no default) are left alone. check_image_size: the
 smallest --image-size the encoder's stem takes (model.min_image_size).
 """
 import math
@@ -47,6 +47,14 @@ def check(error, args, intervals):
         message = problem(name, getattr(args, name), interval)
         if message:
             error(message)
+
+
+def check_image_size(error, size, cifar_stem):
+    """Call error(message) (argparse's parser.error, or distributed.fail) when --image-size `size` is
+    too small for an encoder with (or without) the CIFAR stem (image_size_problem)."""
+    message = image_size_problem(size, cifar_stem)
+    if message:
+        error(message)
 
 
 def image_size_problem(size, cifar_stem):

@@ -109,8 +109,7 @@ def resolve(args, settings, cifar_stem=False):
     if args.checkpoint_classifier and (args.random_init or args.cached_features):
         fail("--checkpoint-classifier evaluates the stored classifier: it takes no --random-init or --cached-features")
     flags.check(fail, args, NUMBER_RANGES)
-    if flags.image_size_problem(args.image_size, cifar_stem):
-        fail(flags.image_size_problem(args.image_size, cifar_stem))
+    flags.check_image_size(fail, args.image_size, cifar_stem)
     if args.out is None:
         tags = ("checkpoint_classifier" if args.checkpoint_classifier else
                 "linear" + ("_random_init" if args.random_init else "") + ("_cached" if args.cached_features else ""))

@@ -188,8 +188,7 @@ def get_args(argv=None):
     if args.scaled_decode is None:
         args.scaled_decode = args.dataset in ("imagefolder", "folder")
     flags.check(p.error, args, NUMBER_RANGES)
-    if flags.image_size_problem(args.image_size, args.cifar_stem):
-        p.error(flags.image_size_problem(args.image_size, args.cifar_stem))
+    flags.check_image_size(p.error, args.image_size, args.cifar_stem)
     if args.sk_ratio and not (0 < args.sk_ratio < 1 and args.arch in ("resnet50", "resnet101", "resnet152")):
         p.error(f"--sk-ratio {args.sk_ratio:g}: selective kernels need 0 < ratio < 1 (SimCLRv2: 0.0625) and a "
                 "bottleneck --arch (resnet50/101/152); the official code builds no SK ResNet-18/34")
