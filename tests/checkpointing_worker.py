@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ddp_worker  # noqa: E402  (this folder, tests/, is on sys.path: the script's own, or pytest's)
 from lars import LARS  # noqa: E402
 from loss import nt_xent  # noqa: E402
+from model import save_atomic  # noqa: E402
 from distributed import Context, teardown, wrap_ddp  # noqa: E402
 
 GLOBAL_BATCH, SIZE = 8, 32
@@ -57,17 +58,6 @@ def batches(n, seed=1):
     return [torch.rand(2 * n, 3, SIZE, SIZE, generator=g) for _ in range(2)]
 
 
-def on_cpu(obj):
-    """obj's tensors (in dicts, lists and tuples) on the CPU, for a file any machine can read."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(on_cpu(v) for v in obj)
-    return obj
-
-
 def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -90,9 +80,9 @@ def main():
             assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) > 50
         else:
             step_model = DDP(model)
-        results[checkpointing] = on_cpu(two_steps(model, views, step_model))
+        results[checkpointing] = two_steps(model, views, step_model)
     if rank == 0:
-        torch.save(results, sys.argv[1])
+        save_atomic(results, sys.argv[1])  # tensors on the CPU, for a file any machine can read
     teardown(0)  # as the scripts end: gloo's destructor can abort or hang at interpreter exit
 
 

@@ -1,10 +1,12 @@
 """Shared helpers: the repository on sys.path, and running the scripts as users do."""
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -152,17 +154,30 @@ def sigterm_after_steps(monkeypatch, progress, steps):
     return seen
 
 
+@contextmanager
+def own_signal_handlers():
+    """The test's SIGTERM and SIGINT handlers back after the block, whatever it installed (the
+    training scripts install their stop handlers: left in pytest's process, they would swallow a
+    Ctrl-C or the SIGINT that ends a part of tools/gpu_session.sh)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def call_main(monkeypatch, module, *argv):
+    """module.main() in this process, as `python MODULE.py ARGV` runs it (on the GPU when there is one),
+    the test's signal handlers back after it."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    with own_signal_handlers():
+        return module.main()
+
+
 @pytest.fixture
 def in_process(monkeypatch):
-    """Run a script's main() in this process, on the CPU: in_process(module, *argv). The test's own
-    signal handlers come back after it (the training scripts install their stop handlers)."""
+    """Run a script's main() in this process, on the CPU: in_process(module, *argv) (call_main)."""
     import torch
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-    def call(module, *argv):
-        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-        return module.main()
-    yield call
-    for s, h in handlers.items():
-        signal.signal(s, h)
+    return functools.partial(call_main, monkeypatch)

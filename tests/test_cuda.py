@@ -17,14 +17,13 @@ import json
 import math
 import os
 import signal
-import sys
 import warnings
 
 import pytest
 import torch
 
 from bench import step_setup
-from conftest import ROOT, TINY, child_env, free_port, run_script, sigterm_after_steps
+from conftest import ROOT, TINY, call_main, child_env, free_port, run_script, sigterm_after_steps
 from distributed import AMP_DTYPES, grad_scaler
 from loss import contrastive_logits
 from model import ProjectionHead, SimCLR, build_encoder, load_classifier, load_encoder, save_classifier
@@ -424,18 +423,6 @@ def one_image(results):
     """A top-1 in percent may move by one test image between two processes on the GPU: cuDNN picks its
     algorithms per process (benchmark mode) and their bf16/fp16 rounding can turn a near tie."""
     return 100 / results["test_images"] + 1e-9
-
-
-def call_main(monkeypatch, module, *argv):
-    """module.main() in this process, as `python MODULE.py ARGV` runs it (on the GPU when there is one);
-    the stop handlers the training scripts install are undone after it."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-    try:
-        return module.main()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 @pytest.fixture(scope="module")
