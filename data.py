@@ -327,8 +327,10 @@ def list_images(root, left_out=None):
     is listed once: a link back up the tree (a loop) or a second link to the same folder adds nothing.
     left_out: a dict that counts what was passed over: "hidden" entries, "other files" (not an image
     extension), "unreadable" entries (a folder this user may not list, a dangling link)."""
-    count = (lambda what: left_out.__setitem__(what, left_out.get(what, 0) + 1)) if left_out is not None else (
-        lambda what: None)
+    left_out = {} if left_out is None else left_out
+
+    def count(what):
+        left_out[what] = left_out.get(what, 0) + 1
     found, seen = [], set()
     stack = [root]
     while stack:

@@ -230,7 +230,8 @@ def folder_features(args, encoder, ckpt, ctx):
     args.amp, amp_text = resolve_amp(args.amp, ctx.device, train=False)
     size = eval_image_size(args, encoder, ckpt)
     images = data.FolderImages(args.data_dir)
-    output.check_file(args.out, "OUT")  # every input is checked: the folder is made
+    if ctx.master:  # every input is checked: the folder is made (rank 0 writes the file)
+        output.check_file(args.out, "OUT")
     workers = data.default_workers() if args.workers is None else args.workers
     loader = data.make_loader(data.SeededTransform(OwnIndex(images), EvalTransform(size, train=False),
                                                    strict=args.strict_data,

@@ -35,7 +35,7 @@ from board import Board, results_folder
 from distributed import (AMP_DTYPES, EpochSums, add_amp_flags, fail, rank0_first, resolve_amp, run, setup,
                          wrap_ddp, write_results)
 from features import Progress, extract_features, feature_batches, knn_accuracy, to_device, topk_accuracy
-from lars import warmup_cosine
+from lars import scaled_lr, warmup_cosine
 from model import CheckpointError, build_encoder, load_classifier, load_encoder, pretrain_settings
 
 
@@ -234,7 +234,7 @@ def build_data(args, ctx, encoder, settings):
     classes = data.num_classes(train_raw)
     # a small dataset: the whole training set is the batch
     args.batch_size, note = data.fit_batch(len(train_raw), args.batch_size, ctx.world, "the training set")
-    per_rank, peak_lr = args.batch_size // ctx.world, args.lr * args.batch_size / 256
+    per_rank, peak_lr = args.batch_size // ctx.world, scaled_lr(args.lr, args.batch_size)  # lr x batch/256
     if ctx.master:  # every input is checked: now the results folder is made
         output.check_file(args.out, "--out")
         class_note = data.class_note(test_raw)  # labels are numbered by the training split's classes

@@ -211,10 +211,11 @@ def main():
             calls, cpu_us, gpu_us = parts[name]
             gpu = f"   GPU {gpu_us / 1e3 / args.steps:8.2f} ms" if cuda else ""
             print(f"  {name:22s} CPU {cpu_us / 1e3 / args.steps:8.2f} ms{gpu}   {calls // args.steps:4d} calls")
-    sort = ("self_device_time_total" if hasattr(prof.key_averages()[0], "self_device_time_total")
+    averages = operators_only(prof.key_averages())  # (grouping every event by name: done once)
+    sort = ("self_device_time_total" if hasattr(averages[0], "self_device_time_total")
             else "self_cuda_time_total") if cuda else "self_cpu_time_total"
     print(f"\n[operators] top {args.top} by {sort}, over {args.steps} steps")
-    print(operators_only(prof.key_averages()).table(sort_by=sort, row_limit=args.top, max_name_column_width=48))
+    print(averages.table(sort_by=sort, row_limit=args.top, max_name_column_width=48))
     if args.blur_forms:
         time_blur_forms(args, device, sync)
 
